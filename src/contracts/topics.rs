@@ -1,0 +1,47 @@
+//! Topic names, exactly as the platform spells them.
+
+pub const CONTENT_PROVISIONING_COMPLETED: &str = "huleedu.batch.content.provisioning.completed.v1";
+pub const STUDENT_ASSOCIATIONS_CONFIRMED: &str = "huleedu.class.student.associations.confirmed.v1";
+pub const BATCH_ESSAYS_READY: &str = "huleedu.els.batch.essays.ready.v1";
+pub const CLIENT_PIPELINE_REQUEST: &str = "huleedu.commands.batch.pipeline.v1";
+pub const PHASE_OUTCOME: &str = "huleedu.els.batch.phase.outcome.v1";
+pub const VALIDATION_ERRORS: &str = "huleedu.els.batch.validation.errors.v1";
+
+/// Every topic the worker consumes.
+pub const CONSUMED: [&str; 6] = [
+    CONTENT_PROVISIONING_COMPLETED,
+    STUDENT_ASSOCIATIONS_CONFIRMED,
+    BATCH_ESSAYS_READY,
+    CLIENT_PIPELINE_REQUEST,
+    PHASE_OUTCOME,
+    VALIDATION_ERRORS,
+];
+
+pub const BATCH_ESSAYS_REGISTERED: &str = "huleedu.batch.essays.registered.v1";
+pub const SPELLCHECK_COMMAND: &str = "huleedu.els.spellcheck.initiate.command.v1";
+pub const NLP_COMMAND: &str = "huleedu.batch.nlp.initiate.command.v2";
+pub const CJ_ASSESSMENT_COMMAND: &str = "huleedu.batch.cj_assessment.initiate.command.v1";
+pub const AI_FEEDBACK_COMMAND: &str = "huleedu.batch.ai_feedback.initiate.command.v1";
+pub const STUDENT_MATCHING_COMMAND: &str = "huleedu.batch.student.matching.initiate.command.v1";
+pub const PIPELINE_COMPLETED: &str = "huleedu.batch.pipeline.completed.v1";
+pub const PIPELINE_DENIED: &str = "huleedu.pipeline.denied.v1";
+pub const TEACHER_NOTIFICATION: &str = "huleedu.notification.teacher.requested.v1";
+
+/// Every topic the worker publishes.
+pub const PUBLISHED: [&str; 9] = [
+    BATCH_ESSAYS_REGISTERED,
+    SPELLCHECK_COMMAND,
+    NLP_COMMAND,
+    CJ_ASSESSMENT_COMMAND,
+    AI_FEEDBACK_COMMAND,
+    STUDENT_MATCHING_COMMAND,
+    PIPELINE_COMPLETED,
+    PIPELINE_DENIED,
+    TEACHER_NOTIFICATION,
+];
+
+/// Suffix of the dead-letter topic of a consumed topic.
+pub const DLQ_SUFFIX: &str = ".dlq";
+
+/// The name `source_service` carries on everything the worker publishes.
+pub const SOURCE_SERVICE: &str = "batch_orchestrator_service";
