@@ -19,3 +19,4 @@
 pub mod contracts;
 pub mod domain;
 pub mod store;
+pub mod upstream;

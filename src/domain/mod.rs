@@ -13,3 +13,6 @@ pub use rules::{
     Decision, Env, EventMeta, FieldError, IdSource, RandomIds, RegistrationRequest, Resolution,
     Rules, SequentialIds, Verdict,
 };
+
+#[cfg(test)]
+mod tests;
