@@ -68,7 +68,9 @@ CREATE TABLE event_outbox (
     published_at    timestamptz,
     attempts        integer NOT NULL DEFAULT 0,
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
-    last_error      text
+    last_error      text,
+    -- A relay's lease on the row while it publishes it.
+    claimed_until   timestamptz
 );
 
 CREATE INDEX event_outbox_unpublished_idx ON event_outbox (message_key, seq) WHERE published_at IS NULL;

@@ -16,7 +16,10 @@
 //! - [`store`]: the repository trait, with PostgreSQL and in-memory implementations
 //!   that share one contract test suite.
 
+pub mod config;
+pub mod consumer;
 pub mod contracts;
 pub mod domain;
+pub mod outbox;
 pub mod store;
 pub mod upstream;

@@ -8,7 +8,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{
-    rust_enum_domains, Change, ChangeOutcome, EnumDomains, Fault, OutboxRow, PhaseStatusChange,
+    rust_enum_domains, Change, ChangeOutcome, EnumDomains, Fault, OutboxRow, OutboxStats, PhaseStatusChange,
     Repository, StoreError, StoreResult,
 };
 use crate::contracts::{BatchStatus, PhaseName, PipelineExecutionStatus, Timestamp};
@@ -185,7 +185,14 @@ impl Repository for MemoryRepository {
         let mut snapshots = Vec::new();
         let mut outcomes = Vec::with_capacity(changes.len());
         let now = chrono::Utc::now();
+        let mut failed: HashSet<String> = HashSet::new();
         for change in changes {
+            // A later change to a batch was decided on top of the earlier one.
+            if failed.contains(&change.batch.id) {
+                outcomes.push(ChangeOutcome::Conflict);
+                continue;
+            }
+            failed.insert(change.batch.id.clone());
             if let Some(record) = &change.inbox {
                 if inner.inbox.contains(&record.event_id) || inbox.contains(&record.event_id) {
                     outcomes.push(ChangeOutcome::Duplicate);
@@ -228,6 +235,7 @@ impl Repository for MemoryRepository {
                     attempts: 0,
                     next_attempt_at: now,
                     last_error: None,
+                    claimed_until: None,
                 });
             }
             if fault == Some(Fault::AfterOutboxInsert) {
@@ -239,6 +247,7 @@ impl Repository for MemoryRepository {
             if let Some(snapshot) = change.snapshot {
                 snapshots.push((id.clone(), snapshot));
             }
+            failed.remove(&id);
             staged.insert(id, batch);
             outcomes.push(ChangeOutcome::Applied { version });
         }
@@ -271,6 +280,82 @@ impl Repository for MemoryRepository {
             .filter(|(b, _)| b == id)
             .map(|(_, s)| s.clone())
             .collect())
+    }
+
+    async fn claim_outbox(&self, keys: i64, lease: std::time::Duration) -> StoreResult<Vec<OutboxRow>> {
+        let mut inner = self.lock();
+        let now = chrono::Utc::now();
+        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+        let mut heads: Vec<String> = Vec::new();
+        let mut seen: HashSet<&str> = HashSet::new();
+        for row in inner.outbox.iter().filter(|r| r.published_at.is_none()) {
+            if !seen.insert(row.key.as_str()) {
+                continue;
+            }
+            let free = row.claimed_until.is_none_or(|t| t < now);
+            if free && row.next_attempt_at <= now && (heads.len() as i64) < keys {
+                heads.push(row.key.clone());
+            }
+        }
+        let mut claimed = Vec::new();
+        for row in inner.outbox.iter_mut() {
+            let free = row.claimed_until.is_none_or(|t| t < now);
+            if row.published_at.is_none() && free && heads.contains(&row.key) {
+                row.claimed_until = Some(until);
+                claimed.push(row.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn settle_outbox(
+        &self,
+        published: &[Uuid],
+        failed: &[(Uuid, String, Timestamp)],
+        released: &[Uuid],
+    ) -> StoreResult<()> {
+        let mut inner = self.lock();
+        let now = chrono::Utc::now();
+        for row in inner.outbox.iter_mut() {
+            if published.contains(&row.id) {
+                row.published_at = Some(now);
+                row.attempts += 1;
+                row.last_error = None;
+                row.claimed_until = None;
+            } else if let Some((_, error, next)) = failed.iter().find(|f| f.0 == row.id) {
+                row.attempts += 1;
+                row.last_error = Some(error.clone());
+                row.next_attempt_at = *next;
+                row.claimed_until = None;
+            } else if released.contains(&row.id) {
+                row.claimed_until = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn purge_outbox(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
+        let mut inner = self.lock();
+        let mut removed = 0u64;
+        inner.outbox.retain(|r| {
+            let purge = (removed as i64) < limit && r.published_at.is_some_and(|p| p < before);
+            removed += purge as u64;
+            !purge
+        });
+        Ok(removed)
+    }
+
+    async fn outbox_stats(&self) -> StoreResult<OutboxStats> {
+        let inner = self.lock();
+        let now = chrono::Utc::now();
+        let pending: Vec<&OutboxRow> = inner.outbox.iter().filter(|r| r.published_at.is_none()).collect();
+        let oldest = pending.iter().map(|r| r.created_at).min();
+        Ok(OutboxStats {
+            unpublished: pending.len() as i64,
+            oldest_unpublished_age_seconds: oldest
+                .map(|t| (now - t).num_milliseconds() as f64 / 1000.0)
+                .unwrap_or(0.0),
+        })
     }
 
     fn inject_fault(&self, fault: Fault) {

@@ -128,6 +128,7 @@ pub struct OutboxRow {
     pub attempts: i32,
     pub next_attempt_at: Timestamp,
     pub last_error: Option<String>,
+    pub claimed_until: Option<Timestamp>,
 }
 
 /// Backlog figures for metrics.
@@ -234,6 +235,22 @@ pub trait Repository: Send + Sync + std::fmt::Debug {
     /// Outbox rows (all, or one key's), oldest first.
     async fn outbox_rows(&self, key: Option<&str>) -> StoreResult<Vec<OutboxRow>>;
     async fn configuration_snapshots(&self, id: &str) -> StoreResult<Vec<Value>>;
+
+    /// Leases unpublished rows for publishing, oldest first, keeping per-key order:
+    /// a key is taken only when its oldest unpublished row is due and unleased,
+    /// and then all of its unpublished rows come along.
+    async fn claim_outbox(&self, keys: i64, lease: std::time::Duration) -> StoreResult<Vec<OutboxRow>>;
+    /// Marks `published` rows published; `failed` rows get their error and next
+    /// attempt; `released` rows lose their lease untouched.
+    async fn settle_outbox(
+        &self,
+        published: &[Uuid],
+        failed: &[(Uuid, String, Timestamp)],
+        released: &[Uuid],
+    ) -> StoreResult<()>;
+    /// Deletes up to `limit` rows published before `before`.
+    async fn purge_outbox(&self, before: Timestamp, limit: i64) -> StoreResult<u64>;
+    async fn outbox_stats(&self) -> StoreResult<OutboxStats>;
 
     /// Makes the next unit of work fail at `fault` (then the fault clears).
     fn inject_fault(&self, fault: Fault);

@@ -15,7 +15,7 @@ use sqlx::{Acquire, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    Change, ChangeOutcome, EnumDomains, Fault, OutboxRow, PhaseStatusChange, Repository,
+    Change, ChangeOutcome, EnumDomains, Fault, OutboxRow, OutboxStats, PhaseStatusChange, Repository,
     StoreError, StoreResult,
 };
 use crate::contracts::{self, BatchStatus, PhaseName, PipelineExecutionStatus, Timestamp};
@@ -344,6 +344,7 @@ fn outbox_from_row(row: &PgRow) -> StoreResult<OutboxRow> {
         attempts: row.try_get("attempts")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
         last_error: row.try_get("last_error")?,
+        claimed_until: row.try_get("claimed_until")?,
     })
 }
 
@@ -553,8 +554,20 @@ impl Repository for PgRepository {
         let fault = self.take_fault();
         let mut tx = self.pool.begin().await?;
         let mut outcomes = Vec::with_capacity(changes.len());
+        let mut failed = std::collections::HashSet::new();
         for change in changes {
-            outcomes.push(self.apply_one(&mut tx, change, fault).await?);
+            // A later change to a batch was decided on top of the earlier one.
+            let outcome = if failed.contains(&change.batch.id) {
+                ChangeOutcome::Conflict
+            } else {
+                let id = change.batch.id.clone();
+                let outcome = self.apply_one(&mut tx, change, fault).await?;
+                if !matches!(outcome, ChangeOutcome::Applied { .. }) {
+                    failed.insert(id);
+                }
+                outcome
+            };
+            outcomes.push(outcome);
         }
         tx.commit().await?;
         Ok(outcomes)
@@ -588,6 +601,106 @@ impl Repository for PgRepository {
         .bind(id)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn claim_outbox(&self, keys: i64, lease: Duration) -> StoreResult<Vec<OutboxRow>> {
+        let mut tx = self.pool.begin().await?;
+        let heads: Vec<String> = sqlx::query_scalar(
+            "SELECT o.message_key FROM event_outbox o \
+             WHERE o.published_at IS NULL AND o.next_attempt_at <= now() \
+               AND (o.claimed_until IS NULL OR o.claimed_until < now()) \
+               AND NOT EXISTS (SELECT 1 FROM event_outbox p WHERE p.message_key = o.message_key \
+                               AND p.published_at IS NULL AND p.seq < o.seq) \
+             ORDER BY o.seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(keys)
+        .fetch_all(&mut *tx)
+        .await?;
+        if heads.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "UPDATE event_outbox SET claimed_until = now() + $2 \
+             WHERE published_at IS NULL AND message_key = ANY($1) \
+               AND (claimed_until IS NULL OR claimed_until < now()) \
+             RETURNING *",
+        )
+        .bind(&heads)
+        .bind(lease)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut rows: Vec<OutboxRow> = rows.iter().map(outbox_from_row).collect::<StoreResult<_>>()?;
+        rows.sort_by_key(|r| r.seq);
+        Ok(rows)
+    }
+
+    async fn settle_outbox(
+        &self,
+        published: &[Uuid],
+        failed: &[(Uuid, String, Timestamp)],
+        released: &[Uuid],
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        if !published.is_empty() {
+            sqlx::query(
+                "UPDATE event_outbox SET published_at = now(), claimed_until = NULL, \
+                   attempts = attempts + 1, last_error = NULL WHERE id = ANY($1)",
+            )
+            .bind(published)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !failed.is_empty() {
+            let ids: Vec<Uuid> = failed.iter().map(|f| f.0).collect();
+            let errors: Vec<&str> = failed.iter().map(|f| f.1.as_str()).collect();
+            let next: Vec<Timestamp> = failed.iter().map(|f| f.2).collect();
+            sqlx::query(
+                "UPDATE event_outbox o SET attempts = o.attempts + 1, last_error = f.error, \
+                   next_attempt_at = f.next, claimed_until = NULL \
+                 FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS f(id, error, next) \
+                 WHERE o.id = f.id",
+            )
+            .bind(&ids)
+            .bind(&errors)
+            .bind(&next)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !released.is_empty() {
+            sqlx::query("UPDATE event_outbox SET claimed_until = NULL WHERE id = ANY($1)")
+                .bind(released)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn purge_outbox(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM event_outbox WHERE id IN (SELECT id FROM event_outbox \
+               WHERE published_at IS NOT NULL AND published_at < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn outbox_stats(&self) -> StoreResult<OutboxStats> {
+        let row = sqlx::query(
+            "SELECT count(*) AS n, coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS age \
+             FROM event_outbox WHERE published_at IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(OutboxStats {
+            unpublished: row.try_get("n")?,
+            oldest_unpublished_age_seconds: row.try_get("age")?,
+        })
     }
 
     fn inject_fault(&self, fault: Fault) {
