@@ -81,9 +81,20 @@ async fn setup(pool: sqlx::PgPool) -> (Cluster, TestWorker, Upstream, Observer) 
     (cluster, worker, up, observer)
 }
 
+/// Stops every Kafka client before the cluster goes away (a client closing
+/// against a vanished broker waits for its timeouts).
+async fn finish(cluster: Cluster, worker: TestWorker, up: Upstream, observers: Vec<Observer>) {
+    worker.stop().await;
+    for o in observers {
+        o.stop().await;
+    }
+    drop(up);
+    drop(cluster);
+}
+
 #[sqlx::test(migrations = false)]
 async fn guest_flow_with_partial_spellcheck(pool: sqlx::PgPool) {
-    let (_cluster, worker, up, observer) = setup(pool).await;
+    let (cluster, worker, up, observer) = setup(pool).await;
     let (batch_id, corr) = register(&worker.repo, None, 4).await;
     let registered = observer.wait_for(topics::BATCH_ESSAYS_REGISTERED, 1).await;
     assert_eq!(registered[0].key.as_deref(), Some(batch_id.as_str()));
@@ -113,12 +124,12 @@ async fn guest_flow_with_partial_spellcheck(pool: sqlx::PgPool) {
     assert_all_valid(&observer);
     let batch = worker.repo.get_batch_by_id(&batch_id).await.unwrap().unwrap();
     assert_eq!(batch.status, bos::contracts::BatchStatus::ReadyForPipelineExecution);
-    worker.stop().await;
+    finish(cluster, worker, up, vec![observer]).await;
 }
 
 #[sqlx::test(migrations = false)]
 async fn every_event_twice_gives_the_same_outputs(pool: sqlx::PgPool) {
-    let (_cluster, worker, up, observer) = setup(pool).await;
+    let (cluster, worker, up, observer) = setup(pool).await;
     let (batch_id, corr) = register(&worker.repo, None, 2).await;
     let twice = |topic: &'static str, data: Value, corr: Uuid| {
         let up = &up;
@@ -143,12 +154,12 @@ async fn every_event_twice_gives_the_same_outputs(pool: sqlx::PgPool) {
     assert_eq!(observer.on(topics::PIPELINE_COMPLETED).len(), 1);
     assert_eq!(observer.on(topics::TEACHER_NOTIFICATION).len(), 2, "started + completed, once each");
     assert_all_valid(&observer);
-    worker.stop().await;
+    finish(cluster, worker, up, vec![observer]).await;
 }
 
 #[sqlx::test(migrations = false)]
 async fn poison_messages_go_to_the_dead_letter_topic(pool: sqlx::PgPool) {
-    let (_cluster, worker, up, observer) = setup(pool).await;
+    let (cluster, worker, up, observer) = setup(pool).await;
     let dlq_topic = worker.kafka.topic(&format!("{}{}", topics::PHASE_OUTCOME, topics::DLQ_SUFFIX));
     let dlq = Observer::start(&worker.kafka, &[dlq_topic.clone()]);
     let (batch_id, corr) = register(&worker.repo, None, 1).await;
@@ -167,5 +178,5 @@ async fn poison_messages_go_to_the_dead_letter_topic(pool: sqlx::PgPool) {
     assert!(letters[0].header("dlq.source.offset").is_some() && letters[0].header("dlq.failed_at").is_some());
     assert_eq!(letters[1].header("dlq.reason"), Some("unknown_batch"));
     assert_eq!(letters[1].key.as_deref(), Some("no-such-batch"));
-    worker.stop().await;
+    finish(cluster, worker, up, vec![observer, dlq]).await;
 }

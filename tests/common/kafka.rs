@@ -156,6 +156,7 @@ impl Upstream {
 /// Collects everything published on the given topics.
 pub struct Observer {
     seen: Arc<Mutex<Vec<Seen>>>,
+    stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -173,9 +174,15 @@ impl Observer {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
         let prefix = kafka.topic_prefix.clone();
+        let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let mut stream = consumer.stream();
-            while let Some(Ok(m)) = stream.next().await {
+            loop {
+                let m = tokio::select! {
+                    _ = stopped.changed() => break,
+                    m = stream.next() => m,
+                };
+                let Some(Ok(m)) = m else { break };
                 let raw = m.payload().unwrap_or_default().to_vec();
                 let headers = m
                     .headers()
@@ -194,7 +201,13 @@ impl Observer {
                 });
             }
         });
-        Self { seen, task }
+        Self { seen, stop, task }
+    }
+
+    /// Closes the consumer (while the cluster is still up).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
     }
 
     /// Every published topic of the worker (prefixed).
@@ -230,8 +243,3 @@ impl Observer {
     }
 }
 
-impl Drop for Observer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
