@@ -137,7 +137,9 @@ impl Settings {
     }
 
     /// Reads the settings from `(name, value)` pairs (the environment, in tests).
-    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let vars: Vec<(String, String)> = vars.into_iter().collect();
         let get = |key: &str| vars.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
         let memory = get("USE_MOCK_REPOSITORY").is_some_and(|v| v.eq_ignore_ascii_case("true"));
@@ -145,7 +147,12 @@ impl Settings {
             _ if memory => StoreKind::Memory,
             None | Some("postgres") => StoreKind::Postgres,
             Some("memory") => StoreKind::Memory,
-            Some(other) => return Err(invalid("BOS_STORE", format!("`{other}` is neither `postgres` nor `memory`"))),
+            Some(other) => {
+                return Err(invalid(
+                    "BOS_STORE",
+                    format!("`{other}` is neither `postgres` nor `memory`"),
+                ))
+            }
         };
         let database_url = get("DATABASE_URL").unwrap_or_default();
         if store == StoreKind::Postgres && database_url.is_empty() {
@@ -156,12 +163,15 @@ impl Settings {
             postgres.max_connections = parse_num("BOS_DB_MAX_CONNECTIONS", &v)?;
         }
         if let Some(v) = get("BOS_DB_ACQUIRE_TIMEOUT_MS") {
-            postgres.acquire_timeout = Duration::from_millis(parse_num("BOS_DB_ACQUIRE_TIMEOUT_MS", &v)?);
+            postgres.acquire_timeout =
+                Duration::from_millis(parse_num("BOS_DB_ACQUIRE_TIMEOUT_MS", &v)?);
         }
         if let Some(v) = get("BOS_DB_STATEMENT_TIMEOUT_MS") {
-            postgres.statement_timeout = Duration::from_millis(parse_num("BOS_DB_STATEMENT_TIMEOUT_MS", &v)?);
+            postgres.statement_timeout =
+                Duration::from_millis(parse_num("BOS_DB_STATEMENT_TIMEOUT_MS", &v)?);
         }
-        let bootstrap = get("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|| "localhost:9092".to_owned());
+        let bootstrap =
+            get("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|| "localhost:9092".to_owned());
         let mut kafka = KafkaSettings::new(bootstrap);
         if let Some(v) = get("BOS_KAFKA_GROUP_ID") {
             kafka.group_id = v;
@@ -169,7 +179,10 @@ impl Settings {
         kafka.topic_prefix = get("BOS_KAFKA_TOPIC_PREFIX").unwrap_or_default();
         for (name, value) in &vars {
             if let Some(property) = name.strip_prefix("BOS_LIBRDKAFKA_") {
-                kafka.librdkafka.push((property.to_ascii_lowercase().replace('_', "."), value.clone()));
+                kafka.librdkafka.push((
+                    property.to_ascii_lowercase().replace('_', "."),
+                    value.clone(),
+                ));
             }
         }
         kafka.librdkafka.sort();
@@ -203,7 +216,10 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -215,7 +231,10 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(s.store, StoreKind::Memory);
-        assert_eq!(s.kafka.librdkafka, [("security.protocol".to_owned(), "ssl".to_owned())]);
+        assert_eq!(
+            s.kafka.librdkafka,
+            [("security.protocol".to_owned(), "ssl".to_owned())]
+        );
         assert_eq!(s.kafka.group_id, "batch-orchestrator-consumers");
         assert_eq!(s.kafka.topic("x"), "test-x");
         assert_eq!(s.kafka.unprefixed("test-x"), "x");
@@ -227,7 +246,11 @@ mod tests {
         assert_eq!(e.key, "BOS_STORE");
         let e = Settings::from_vars(vars(&[])).unwrap_err();
         assert_eq!(e.key, "DATABASE_URL");
-        let e = Settings::from_vars(vars(&[("BOS_STORE", "memory"), ("BOS_CONSUMER_MAX_BATCH", "lots")])).unwrap_err();
+        let e = Settings::from_vars(vars(&[
+            ("BOS_STORE", "memory"),
+            ("BOS_CONSUMER_MAX_BATCH", "lots"),
+        ]))
+        .unwrap_err();
         assert_eq!(e.key, "BOS_CONSUMER_MAX_BATCH");
     }
 }

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use crate::config::{ConsumerSettings, KafkaSettings};
 use crate::contracts::{decode, topics, Decoded};
 use crate::domain::{Batch, Env, EventMeta, RandomIds, Rules, Verdict};
+use crate::metrics::Metrics;
 use crate::store::{Change, ChangeOutcome, InboxRecord, Repository, StoreError};
 
 /// One consumed record, detached from the consumer.
@@ -93,11 +94,22 @@ pub struct Handler {
     repo: Arc<dyn Repository>,
     rules: Rules,
     max_conflict_retries: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl Handler {
-    pub fn new(repo: Arc<dyn Repository>, rules: Rules, max_conflict_retries: usize) -> Self {
-        Self { repo, rules, max_conflict_retries }
+    pub fn new(
+        repo: Arc<dyn Repository>,
+        rules: Rules,
+        max_conflict_retries: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            repo,
+            rules,
+            max_conflict_retries,
+            metrics,
+        }
     }
 
     /// Applies `records` (in order) in as few transactions as conflicts allow.
@@ -111,7 +123,10 @@ impl Handler {
                     decoded.push(Some((d, meta)));
                 }
                 Err(e) => {
-                    outcomes[i] = Some(Outcome::DeadLetter { reason: "decode_error", error: e.to_string() });
+                    outcomes[i] = Some(Outcome::DeadLetter {
+                        reason: "decode_error",
+                        error: e.to_string(),
+                    });
                     decoded.push(None);
                 }
             }
@@ -121,7 +136,9 @@ impl Handler {
             let mut changes = Vec::new();
             let mut owners = Vec::new();
             for (i, entry) in decoded.iter().enumerate() {
-                let Some((message, meta)) = entry else { continue };
+                let Some((message, meta)) = entry else {
+                    continue;
+                };
                 if outcomes[i].is_some() {
                     continue;
                 }
@@ -135,8 +152,13 @@ impl Handler {
                     }
                 };
                 let mut ids = RandomIds;
-                let mut env = Env { now: chrono::Utc::now(), ids: &mut ids };
-                let decision = self.rules.decide(current.as_ref(), &message.event, meta, &mut env);
+                let mut env = Env {
+                    now: chrono::Utc::now(),
+                    ids: &mut ids,
+                };
+                let decision = self
+                    .rules
+                    .decide(current.as_ref(), &message.event, meta, &mut env);
                 for note in &decision.notes {
                     tracing::info!(event_id = %meta.event_id, batch_id = id, "{note}");
                 }
@@ -151,7 +173,10 @@ impl Handler {
                     expected_version: Some(current.version),
                     essays_changed: decision.essays_changed,
                     outbox: decision.messages,
-                    inbox: Some(InboxRecord { event_id: meta.event_id, topic: record_topic(&message.event) }),
+                    inbox: Some(InboxRecord {
+                        event_id: meta.event_id,
+                        topic: record_topic(&message.event),
+                    }),
                     snapshot: decision.snapshot,
                 });
                 owners.push((i, decision.verdict));
@@ -169,7 +194,10 @@ impl Handler {
                         _ => Outcome::Applied,
                     }),
                     ChangeOutcome::Duplicate => Some(Outcome::Duplicate),
-                    ChangeOutcome::Conflict | ChangeOutcome::NotFound => None,
+                    ChangeOutcome::Conflict | ChangeOutcome::NotFound => {
+                        self.metrics.cas_conflicts.inc();
+                        None
+                    }
                 };
             }
             if outcomes.iter().all(Option::is_some) {
@@ -181,7 +209,10 @@ impl Handler {
             .enumerate()
             .map(|(i, o)| {
                 o.ok_or_else(|| {
-                    let id = decoded[i].as_ref().map(|(d, _)| d.event.batch_id().to_owned()).unwrap_or_default();
+                    let id = decoded[i]
+                        .as_ref()
+                        .map(|(d, _)| d.event.batch_id().to_owned())
+                        .unwrap_or_default();
                     HandleError::Contended(id)
                 })
             })
@@ -195,13 +226,42 @@ fn record_topic(event: &crate::contracts::InboundEvent) -> String {
 
 /// The consuming side of `bos run`.
 pub struct Worker {
-    pub consumer: StreamConsumer,
+    pub consumer: Arc<StreamConsumer>,
     pub dlq: FutureProducer,
     pub handler: Handler,
     pub kafka: KafkaSettings,
     pub settings: ConsumerSettings,
     /// Notified after each commit that wrote outbox rows (wakes an in-process relay).
     pub outbox_written: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Outcome {
+    fn label(&self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Ignored(_) => "ignored",
+            Outcome::Duplicate => "duplicate",
+            Outcome::DeadLetter { .. } => "dead_letter",
+        }
+    }
+}
+
+/// Records behind the high watermark over the consumer's assigned partitions.
+fn consumer_lag(consumer: &StreamConsumer) -> rdkafka::error::KafkaResult<i64> {
+    let positions = consumer.position()?;
+    let mut lag = 0;
+    for element in positions.elements() {
+        let (_, high) = consumer.fetch_watermarks(
+            element.topic(),
+            element.partition(),
+            Duration::from_secs(2),
+        )?;
+        if let rdkafka::Offset::Offset(position) = element.offset() {
+            lag += (high - position).max(0);
+        }
+    }
+    Ok(lag)
 }
 
 /// A consumer configured for manual offset storage.
@@ -227,7 +287,12 @@ impl Worker {
             .headers()
             .map(|hs| {
                 hs.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -242,11 +307,19 @@ impl Worker {
     }
 
     /// Sends a record to `<topic>.dlq` with the reason, and waits for the acknowledgement.
-    async fn dead_letter(&self, record: &Incoming, reason: &str, error: &str) -> Result<(), String> {
+    async fn dead_letter(
+        &self,
+        record: &Incoming,
+        reason: &str,
+        error: &str,
+    ) -> Result<(), String> {
         let topic = format!("{}{}", self.kafka.topic(&record.topic), topics::DLQ_SUFFIX);
         let mut headers = OwnedHeaders::new();
         for (k, v) in &record.headers {
-            headers = headers.insert(Header { key: k, value: Some(v) });
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
         }
         let source = self.kafka.topic(&record.topic);
         let partition = record.partition.to_string();
@@ -260,20 +333,37 @@ impl Worker {
             ("dlq.source.offset", offset.as_str()),
             ("dlq.failed_at", failed_at.as_str()),
         ] {
-            headers = headers.insert(Header { key: k, value: Some(v) });
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
         }
         let payload = record.payload.as_deref().unwrap_or_default();
         let mut out = FutureRecord::to(&topic).payload(payload).headers(headers);
         if let Some(key) = &record.key {
             out = out.key(key);
         }
-        self.dlq.send(out, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e.to_string())
+        self.dlq
+            .send(out, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e.to_string())
     }
 
     /// Consumes until `shutdown` turns true, then commits what is done.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = self.settings.backoff_initial;
+        let mut lag_measured = std::time::Instant::now();
         'consume: while !*shutdown.borrow() {
+            if lag_measured.elapsed() > Duration::from_secs(10) {
+                lag_measured = std::time::Instant::now();
+                let consumer = self.consumer.clone();
+                let gauge = self.metrics.consumer_lag.clone();
+                tokio::task::spawn_blocking(move || match consumer_lag(&consumer) {
+                    Ok(lag) => gauge.set(lag),
+                    Err(e) => tracing::debug!(error = %e, "consumer lag not measured"),
+                });
+            }
             let first = tokio::select! {
                 _ = shutdown.changed() => break,
                 m = self.consumer.recv() => m,
@@ -292,6 +382,7 @@ impl Worker {
                     _ => break,
                 }
             }
+            let started = std::time::Instant::now();
             let outcomes = loop {
                 match self.handler.handle(&records).await {
                     Ok(outcomes) => {
@@ -308,9 +399,17 @@ impl Worker {
                     }
                 }
             };
+            self.metrics
+                .handler_seconds
+                .observe(started.elapsed().as_secs_f64());
             for (record, outcome) in records.iter().zip(&outcomes) {
+                self.metrics
+                    .messages
+                    .with_label_values(&[record.topic.as_str(), outcome.label()])
+                    .inc();
                 match outcome {
                     Outcome::DeadLetter { reason, error } => {
+                        self.metrics.dead_letters.inc();
                         tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, reason, error, "dead-lettering");
                         let mut wait = self.settings.backoff_initial;
                         while let Err(e) = self.dead_letter(record, reason, error).await {
@@ -323,12 +422,16 @@ impl Worker {
                         tracing::info!(topic = %record.topic, offset = record.offset, why, "ignored")
                     }
                     Outcome::Duplicate => {
+                        self.metrics.duplicates.inc();
                         tracing::info!(topic = %record.topic, offset = record.offset, "duplicate skipped")
                     }
                     Outcome::Applied => {}
                 }
                 let topic = self.kafka.topic(&record.topic);
-                if let Err(e) = self.consumer.store_offset(&topic, record.partition, record.offset) {
+                if let Err(e) = self
+                    .consumer
+                    .store_offset(&topic, record.partition, record.offset)
+                {
                     tracing::warn!(error = %e, "offset store failed (partition revoked?)");
                 }
             }

@@ -16,10 +16,14 @@
 //! - [`store`]: the repository trait, with PostgreSQL and in-memory implementations
 //!   that share one contract test suite.
 
+pub mod app;
 pub mod config;
 pub mod consumer;
 pub mod contracts;
+pub mod dlq;
 pub mod domain;
+pub mod http;
+pub mod metrics;
 pub mod outbox;
 pub mod store;
 pub mod upstream;

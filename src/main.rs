@@ -1,6 +1,13 @@
 //! The `bos` binary: a thin shell over the library.
 
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+use bos::app::{self, Role};
+use bos::config::Settings;
+use bos::domain::Rules;
 
 #[derive(Parser)]
 #[command(name = "bos", version, about = "Batch Orchestrator Service")]
@@ -11,30 +18,103 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Consume, decide, publish and serve HTTP until SIGTERM/SIGINT.
+    Run,
+    /// Run only the outbox relay.
+    Relay,
     /// Apply the database migrations and exit.
-    Migrate {
-        /// PostgreSQL URL.
-        #[arg(long, env = "DATABASE_URL")]
-        database_url: String,
+    Migrate,
+    /// Dead-letter topics.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Re-produce the letters of `<topic>.dlq` to `<topic>`.
+    Replay {
+        /// The source topic (without the configured prefix).
+        #[arg(long)]
+        topic: String,
+        /// Only letters dead-lettered at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Stop after this many seconds without a letter.
+        #[arg(long, default_value_t = 5)]
+        idle_seconds: u64,
+    },
+}
+
+fn init_tracing() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let json = std::env::var("BOS_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    match Cli::parse().command {
-        Command::Migrate { database_url } => {
-            use bos::store::Repository;
-            let repo =
-                bos::store::PgRepository::connect(&bos::store::PostgresSettings::new(database_url))
-                    .await?;
-            repo.migrate().await?;
+    init_tracing();
+    let cli = Cli::parse();
+    let settings = Settings::from_env()?;
+    match cli.command {
+        Command::Run => {
+            app::run(
+                settings,
+                Rules::default(),
+                Role::Worker,
+                app::shutdown_on_signals(),
+            )
+            .await
+        }
+        Command::Relay => {
+            app::run(
+                settings,
+                Rules::default(),
+                Role::RelayOnly,
+                app::shutdown_on_signals(),
+            )
+            .await
+        }
+        Command::Migrate => {
+            app::open_store(&settings).await?;
             tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Dlq {
+            command:
+                DlqCommand::Replay {
+                    topic,
+                    since,
+                    idle_seconds,
+                },
+        } => {
+            let since = since
+                .map(|s| bos::contracts::time::parse(&s))
+                .transpose()
+                .map_err(anyhow::Error::msg)
+                .context("--since")?;
+            let producer = bos::outbox::idempotent_producer(&settings.kafka)?;
+            let done = bos::dlq::replay(
+                &settings.kafka,
+                &producer,
+                &topic,
+                since,
+                Duration::from_secs(idle_seconds),
+            )
+            .await?;
+            println!(
+                "replayed {} letter(s), skipped {}",
+                done.replayed, done.skipped
+            );
+            Ok(())
         }
     }
-    Ok(())
 }

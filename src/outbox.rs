@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::config::{KafkaSettings, RelaySettings};
 use crate::contracts::topics::SOURCE_SERVICE;
 use crate::contracts::{time, Timestamp};
+use crate::metrics::Metrics;
 use crate::store::{OutboxRow, Repository, StoreResult};
 
 /// How long a relay may hold rows before another relay may take them over.
@@ -35,15 +36,39 @@ pub fn headers(row: &OutboxRow) -> OwnedHeaders {
     let trace_id = row.correlation_id.to_string();
     let occurred_at = time::format(&row.created_at);
     let headers = OwnedHeaders::new()
-        .insert(Header { key: "event_id", value: Some(event_id.as_str()) })
-        .insert(Header { key: "event_type", value: Some(row.event_type.as_str()) })
-        .insert(Header { key: "trace_id", value: Some(trace_id.as_str()) })
-        .insert(Header { key: "source_service", value: Some(SOURCE_SERVICE) })
-        .insert(Header { key: "schema_version", value: Some("1") })
-        .insert(Header { key: "occurred_at", value: Some(occurred_at.as_str()) })
-        .insert(Header { key: "content_type", value: Some("application/json") });
+        .insert(Header {
+            key: "event_id",
+            value: Some(event_id.as_str()),
+        })
+        .insert(Header {
+            key: "event_type",
+            value: Some(row.event_type.as_str()),
+        })
+        .insert(Header {
+            key: "trace_id",
+            value: Some(trace_id.as_str()),
+        })
+        .insert(Header {
+            key: "source_service",
+            value: Some(SOURCE_SERVICE),
+        })
+        .insert(Header {
+            key: "schema_version",
+            value: Some("1"),
+        })
+        .insert(Header {
+            key: "occurred_at",
+            value: Some(occurred_at.as_str()),
+        })
+        .insert(Header {
+            key: "content_type",
+            value: Some("application/json"),
+        });
     match &row.traceparent {
-        Some(tp) => headers.insert(Header { key: "traceparent", value: Some(tp.as_str()) }),
+        Some(tp) => headers.insert(Header {
+            key: "traceparent",
+            value: Some(tp.as_str()),
+        }),
         None => headers,
     }
 }
@@ -54,6 +79,7 @@ pub struct Relay {
     producer: FutureProducer,
     kafka: KafkaSettings,
     settings: RelaySettings,
+    metrics: Arc<Metrics>,
 }
 
 /// What one pass did.
@@ -64,19 +90,39 @@ pub struct Pass {
 }
 
 impl Relay {
-    pub fn new(repo: Arc<dyn Repository>, producer: FutureProducer, kafka: KafkaSettings, settings: RelaySettings) -> Self {
-        Self { repo, producer, kafka, settings }
+    pub fn new(
+        repo: Arc<dyn Repository>,
+        producer: FutureProducer,
+        kafka: KafkaSettings,
+        settings: RelaySettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            repo,
+            producer,
+            kafka,
+            settings,
+            metrics,
+        }
     }
 
     fn backoff(&self, attempts: i32) -> chrono::Duration {
         let factor = 2u32.saturating_pow(attempts.clamp(0, 20) as u32);
-        let delay = self.settings.retry_initial.saturating_mul(factor).min(self.settings.retry_max);
+        let delay = self
+            .settings
+            .retry_initial
+            .saturating_mul(factor)
+            .min(self.settings.retry_max);
         chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX)
     }
 
     /// One claim → produce → settle pass.
     pub async fn publish_once(&self) -> StoreResult<Pass> {
-        let rows = self.repo.claim_outbox(self.settings.batch_size, LEASE).await?;
+        let started = std::time::Instant::now();
+        let rows = self
+            .repo
+            .claim_outbox(self.settings.batch_size, LEASE)
+            .await?;
         if rows.is_empty() {
             return Ok(Pass::default());
         }
@@ -86,7 +132,10 @@ impl Relay {
             let headers = headers(row);
             let producer = &self.producer;
             async move {
-                let record = FutureRecord::to(&topic).key(&row.key).payload(&payload).headers(headers);
+                let record = FutureRecord::to(&topic)
+                    .key(&row.key)
+                    .payload(&payload)
+                    .headers(headers);
                 producer
                     .send(record, Duration::from_secs(30))
                     .await
@@ -98,7 +147,8 @@ impl Relay {
         // A key stops at its first failure: the rows behind it wait, in order.
         let now: Timestamp = chrono::Utc::now();
         let mut blocked: std::collections::HashSet<&str> = Default::default();
-        let (mut published, mut failed, mut released): (Vec<Uuid>, Vec<_>, Vec<Uuid>) = Default::default();
+        let (mut published, mut failed, mut released): (Vec<Uuid>, Vec<_>, Vec<Uuid>) =
+            Default::default();
         for (row, result) in rows.iter().zip(results) {
             if blocked.contains(row.key.as_str()) {
                 released.push(row.id);
@@ -113,14 +163,27 @@ impl Relay {
                 }
             }
         }
-        self.repo.settle_outbox(&published, &failed, &released).await?;
-        Ok(Pass { published: published.len(), failed: failed.len() })
+        self.repo
+            .settle_outbox(&published, &failed, &released)
+            .await?;
+        self.metrics
+            .relay_publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.relay_published.inc_by(published.len() as u64);
+        self.metrics.relay_failures.inc_by(failed.len() as u64);
+        Ok(Pass {
+            published: published.len(),
+            failed: failed.len(),
+        })
     }
 
     /// Deletes published rows past their retention, in small batches.
     pub async fn purge(&self) -> StoreResult<u64> {
-        let before = chrono::Utc::now() - chrono::Duration::from_std(self.settings.retention).unwrap_or(chrono::Duration::MAX);
-        self.repo.purge_outbox(before, self.settings.purge_batch).await
+        let before = chrono::Utc::now()
+            - chrono::Duration::from_std(self.settings.retention).unwrap_or(chrono::Duration::MAX);
+        self.repo
+            .purge_outbox(before, self.settings.purge_batch)
+            .await
     }
 
     /// Runs until `shutdown` turns true. `wake` is notified when rows are inserted.
@@ -139,6 +202,15 @@ impl Relay {
                     tracing::warn!(error = %e, "outbox pass failed");
                 }
             }
+            match self.repo.outbox_stats().await {
+                Ok(stats) => {
+                    self.metrics.outbox_backlog.set(stats.unpublished);
+                    self.metrics
+                        .outbox_oldest_age_seconds
+                        .set(stats.oldest_unpublished_age_seconds);
+                }
+                Err(e) => tracing::debug!(error = %e, "outbox stats unavailable"),
+            }
             if last_purge.elapsed() > Duration::from_secs(60) {
                 last_purge = std::time::Instant::now();
                 if let Err(e) = self.purge().await {
@@ -146,7 +218,10 @@ impl Relay {
                 }
             }
             let wait = if errors > 0 {
-                self.settings.retry_initial.saturating_mul(2u32.saturating_pow(errors.min(8))).min(self.settings.retry_max)
+                self.settings
+                    .retry_initial
+                    .saturating_mul(2u32.saturating_pow(errors.min(8)))
+                    .min(self.settings.retry_max)
             } else {
                 self.settings.poll_interval
             };

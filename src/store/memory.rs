@@ -8,8 +8,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{
-    rust_enum_domains, Change, ChangeOutcome, EnumDomains, Fault, OutboxRow, OutboxStats, PhaseStatusChange,
-    Repository, StoreError, StoreResult,
+    rust_enum_domains, Change, ChangeOutcome, EnumDomains, Fault, OutboxRow, OutboxStats,
+    PhaseStatusChange, Repository, StoreError, StoreResult,
 };
 use crate::contracts::{BatchStatus, PhaseName, PipelineExecutionStatus, Timestamp};
 use crate::domain::{Batch, BatchContext, BatchEssay, PipelineState};
@@ -282,7 +282,11 @@ impl Repository for MemoryRepository {
             .collect())
     }
 
-    async fn claim_outbox(&self, keys: i64, lease: std::time::Duration) -> StoreResult<Vec<OutboxRow>> {
+    async fn claim_outbox(
+        &self,
+        keys: i64,
+        lease: std::time::Duration,
+    ) -> StoreResult<Vec<OutboxRow>> {
         let mut inner = self.lock();
         let now = chrono::Utc::now();
         let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
@@ -348,7 +352,11 @@ impl Repository for MemoryRepository {
     async fn outbox_stats(&self) -> StoreResult<OutboxStats> {
         let inner = self.lock();
         let now = chrono::Utc::now();
-        let pending: Vec<&OutboxRow> = inner.outbox.iter().filter(|r| r.published_at.is_none()).collect();
+        let pending: Vec<&OutboxRow> = inner
+            .outbox
+            .iter()
+            .filter(|r| r.published_at.is_none())
+            .collect();
         let oldest = pending.iter().map(|r| r.created_at).min();
         Ok(OutboxStats {
             unpublished: pending.len() as i64,

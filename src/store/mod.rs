@@ -239,7 +239,11 @@ pub trait Repository: Send + Sync + std::fmt::Debug {
     /// Leases unpublished rows for publishing, oldest first, keeping per-key order:
     /// a key is taken only when its oldest unpublished row is due and unleased,
     /// and then all of its unpublished rows come along.
-    async fn claim_outbox(&self, keys: i64, lease: std::time::Duration) -> StoreResult<Vec<OutboxRow>>;
+    async fn claim_outbox(
+        &self,
+        keys: i64,
+        lease: std::time::Duration,
+    ) -> StoreResult<Vec<OutboxRow>>;
     /// Marks `published` rows published; `failed` rows get their error and next
     /// attempt; `released` rows lose their lease untouched.
     async fn settle_outbox(

@@ -15,8 +15,8 @@ use sqlx::{Acquire, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    Change, ChangeOutcome, EnumDomains, Fault, OutboxRow, OutboxStats, PhaseStatusChange, Repository,
-    StoreError, StoreResult,
+    Change, ChangeOutcome, EnumDomains, Fault, OutboxRow, OutboxStats, PhaseStatusChange,
+    Repository, StoreError, StoreResult,
 };
 use crate::contracts::{self, BatchStatus, PhaseName, PipelineExecutionStatus, Timestamp};
 use crate::domain::{Batch, BatchContext, BatchEssay, PipelineState};
@@ -631,7 +631,10 @@ impl Repository for PgRepository {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let mut rows: Vec<OutboxRow> = rows.iter().map(outbox_from_row).collect::<StoreResult<_>>()?;
+        let mut rows: Vec<OutboxRow> = rows
+            .iter()
+            .map(outbox_from_row)
+            .collect::<StoreResult<_>>()?;
         rows.sort_by_key(|r| r.seq);
         Ok(rows)
     }

@@ -9,6 +9,7 @@ use bos::config::{ConsumerSettings, KafkaSettings, RelaySettings};
 use bos::consumer::{self, Handler, Worker};
 use bos::contracts::topics;
 use bos::domain::Rules;
+use bos::metrics::Metrics;
 use bos::outbox::{idempotent_producer, NotifyWake, Relay};
 use bos::store::Repository;
 use futures::StreamExt;
@@ -33,7 +34,10 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -45,11 +49,17 @@ pub struct Cluster {
 impl Cluster {
     pub fn start() -> Self {
         match std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
-            Ok(bootstrap) if !bootstrap.is_empty() => Self { _mock: None, bootstrap },
+            Ok(bootstrap) if !bootstrap.is_empty() => Self {
+                _mock: None,
+                bootstrap,
+            },
             _ => {
                 let mock = MockCluster::new(1).expect("mock cluster");
                 let bootstrap = mock.bootstrap_servers();
-                Self { _mock: Some(mock), bootstrap }
+                Self {
+                    _mock: Some(mock),
+                    bootstrap,
+                }
             }
         }
     }
@@ -57,11 +67,14 @@ impl Cluster {
     pub fn create_topics(&self, prefix: &str, partitions: i32) {
         if let Some(mock) = &self._mock {
             for t in topics::CONSUMED {
-                mock.create_topic(&format!("{prefix}{t}"), partitions, 1).unwrap();
-                mock.create_topic(&format!("{prefix}{t}{}", topics::DLQ_SUFFIX), 1, 1).unwrap();
+                mock.create_topic(&format!("{prefix}{t}"), partitions, 1)
+                    .unwrap();
+                mock.create_topic(&format!("{prefix}{t}{}", topics::DLQ_SUFFIX), 1, 1)
+                    .unwrap();
             }
             for t in topics::PUBLISHED {
-                mock.create_topic(&format!("{prefix}{t}"), partitions, 1).unwrap();
+                mock.create_topic(&format!("{prefix}{t}"), partitions, 1)
+                    .unwrap();
             }
         }
     }
@@ -99,21 +112,37 @@ pub fn kafka_settings(cluster: &Cluster) -> KafkaSettings {
 pub fn start_worker(kafka: &KafkaSettings, repo: Arc<dyn Repository>, rules: Rules) -> TestWorker {
     let (tx, rx) = watch::channel(false);
     let wake = Arc::new(Notify::new());
+    let metrics = Arc::new(Metrics::new());
     let worker = Worker {
-        consumer: consumer::consumer(kafka).unwrap(),
+        consumer: Arc::new(consumer::consumer(kafka).unwrap()),
         dlq: idempotent_producer(kafka).unwrap(),
-        handler: Handler::new(repo.clone(), rules, 5),
+        handler: Handler::new(repo.clone(), rules, 5, metrics.clone()),
         kafka: kafka.clone(),
         settings: ConsumerSettings::default(),
         outbox_written: wake.clone(),
+        metrics: metrics.clone(),
     };
-    let relay_settings = RelaySettings { poll_interval: Duration::from_millis(200), ..RelaySettings::default() };
-    let relay = Relay::new(repo.clone(), idempotent_producer(kafka).unwrap(), kafka.clone(), relay_settings);
+    let relay_settings = RelaySettings {
+        poll_interval: Duration::from_millis(200),
+        ..RelaySettings::default()
+    };
+    let relay = Relay::new(
+        repo.clone(),
+        idempotent_producer(kafka).unwrap(),
+        kafka.clone(),
+        relay_settings,
+        metrics,
+    );
     let tasks = vec![
         tokio::spawn(worker.run(rx.clone())),
         tokio::spawn(relay.run(Box::new(NotifyWake(wake)), rx)),
     ];
-    TestWorker { kafka: kafka.clone(), repo, shutdown: tx, tasks }
+    TestWorker {
+        kafka: kafka.clone(),
+        repo,
+        shutdown: tx,
+        tasks,
+    }
 }
 
 /// Plays the upstream services: produces events the way they do.
@@ -128,26 +157,51 @@ impl Upstream {
             .set("bootstrap.servers", &kafka.bootstrap_servers)
             .create()
             .unwrap();
-        Self { producer, kafka: kafka.clone() }
+        Self {
+            producer,
+            kafka: kafka.clone(),
+        }
     }
 
     pub async fn send_raw(&self, topic: &str, key: &str, payload: &[u8], headers: &[(&str, &str)]) {
         let topic = self.kafka.topic(topic);
         let mut hs = OwnedHeaders::new();
         for (k, v) in headers {
-            hs = hs.insert(Header { key: k, value: Some(*v) });
+            hs = hs.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
         }
         self.producer
-            .send(FutureRecord::to(&topic).key(key).payload(payload).headers(hs), Duration::from_secs(10))
+            .send(
+                FutureRecord::to(&topic)
+                    .key(key)
+                    .payload(payload)
+                    .headers(hs),
+                Duration::from_secs(10),
+            )
             .await
             .map_err(|(e, _)| e)
             .unwrap();
     }
 
     /// Sends `data` in a fresh envelope; returns its event id.
-    pub async fn send<D: serde::Serialize>(&self, topic: &str, batch_id: &str, correlation_id: Uuid, data: D) -> Uuid {
+    pub async fn send<D: serde::Serialize>(
+        &self,
+        topic: &str,
+        batch_id: &str,
+        correlation_id: Uuid,
+        data: D,
+    ) -> Uuid {
         let event_id = Uuid::new_v4();
-        let bytes = bos::upstream::envelope_json(topic, "essay_lifecycle_service", event_id, correlation_id, chrono::Utc::now(), data);
+        let bytes = bos::upstream::envelope_json(
+            topic,
+            "essay_lifecycle_service",
+            event_id,
+            correlation_id,
+            chrono::Utc::now(),
+            data,
+        );
         self.send_raw(topic, batch_id, &bytes, &[]).await;
         event_id
     }
@@ -188,12 +242,22 @@ impl Observer {
                     .headers()
                     .map(|hs| {
                         hs.iter()
-                            .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
                 sink.lock().unwrap().push(Seen {
-                    topic: m.topic().strip_prefix(&prefix).unwrap_or(m.topic()).to_owned(),
+                    topic: m
+                        .topic()
+                        .strip_prefix(&prefix)
+                        .unwrap_or(m.topic())
+                        .to_owned(),
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     value: serde_json::from_slice(&raw).unwrap_or(Value::Null),
                     raw,
@@ -221,7 +285,10 @@ impl Observer {
     }
 
     pub fn on(&self, topic: &str) -> Vec<Seen> {
-        self.all().into_iter().filter(|s| s.topic == topic).collect()
+        self.all()
+            .into_iter()
+            .filter(|s| s.topic == topic)
+            .collect()
     }
 
     /// Waits until `n` messages were seen on `topic` (30 s at most).
@@ -236,10 +303,12 @@ impl Observer {
                 tokio::time::Instant::now() < deadline,
                 "waited 30 s for {n} message(s) on {topic}; saw {} — all topics: {:?}",
                 seen.len(),
-                self.all().iter().map(|s| s.topic.clone()).collect::<Vec<_>>()
+                self.all()
+                    .iter()
+                    .map(|s| s.topic.clone())
+                    .collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
-

@@ -58,13 +58,21 @@ pub fn assert_valid_published(topic: &str, envelope: &serde_json::Value) {
     use std::sync::OnceLock;
     static SCHEMAS: OnceLock<serde_json::Value> = OnceLock::new();
     let schemas = SCHEMAS.get_or_init(|| {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/published-schemas.json");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures/published-schemas.json");
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
     });
     let envelope_schema = jsonschema::validator_for(&schemas["envelope"]).unwrap();
-    let errors: Vec<String> = envelope_schema.iter_errors(envelope).map(|e| e.to_string()).collect();
+    let errors: Vec<String> = envelope_schema
+        .iter_errors(envelope)
+        .map(|e| e.to_string())
+        .collect();
     assert!(errors.is_empty(), "envelope on {topic}: {errors:?}");
-    let data_schema = jsonschema::validator_for(&schemas[topic]).unwrap_or_else(|e| panic!("{topic}: {e}"));
-    let errors: Vec<String> = data_schema.iter_errors(&envelope["data"]).map(|e| e.to_string()).collect();
+    let data_schema =
+        jsonschema::validator_for(&schemas[topic]).unwrap_or_else(|e| panic!("{topic}: {e}"));
+    let errors: Vec<String> = data_schema
+        .iter_errors(&envelope["data"])
+        .map(|e| e.to_string())
+        .collect();
     assert!(errors.is_empty(), "data on {topic}: {errors:?}");
 }
