@@ -41,9 +41,9 @@ enum DlqCommand {
         /// Only letters dead-lettered at or after this RFC 3339 time.
         #[arg(long)]
         since: Option<String>,
-        /// Stop after this many seconds without a letter.
-        #[arg(long, default_value_t = 5)]
-        idle_seconds: u64,
+        /// Give up when the replay consumer gets no partition within this many seconds.
+        #[arg(long, default_value_t = 30)]
+        join_timeout_seconds: u64,
     },
 }
 
@@ -93,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
                 DlqCommand::Replay {
                     topic,
                     since,
-                    idle_seconds,
+                    join_timeout_seconds,
                 },
         } => {
             let since = since
@@ -107,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
                 &producer,
                 &topic,
                 since,
-                Duration::from_secs(idle_seconds),
+                Duration::from_secs(join_timeout_seconds),
             )
             .await?;
             println!(

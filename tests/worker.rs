@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use bos::contracts::{topics, CourseCode, EssayRef, PhaseName};
-use bos::domain::{Env, RandomIds, Rules};
+use bos::domain::Rules;
 use bos::store::{PgRepository, Repository};
 use bos::upstream;
 use common::kafka::{kafka_settings, start_worker, Cluster, Observer, Seen, TestWorker, Upstream};
@@ -19,27 +19,20 @@ async fn pg(pool: sqlx::PgPool) -> Arc<dyn Repository> {
     Arc::new(repo)
 }
 
-/// Registers a batch the way `POST /v1/batches/register` does.
+/// Registers a batch through `POST /v1/batches/register`.
 async fn register(
     repo: &Arc<dyn Repository>,
     class_id: Option<&str>,
     essays: i64,
 ) -> (String, Uuid) {
-    let correlation = Uuid::new_v4();
-    let mut ids = RandomIds;
-    let decision = Rules::default()
-        .register(
-            &common::registration(class_id, essays),
-            correlation,
-            &mut Env {
-                now: chrono::Utc::now(),
-                ids: &mut ids,
-            },
-        )
-        .unwrap();
-    let batch = decision.batch.unwrap();
-    repo.create_batch(&batch, &decision.messages).await.unwrap();
-    (batch.id, correlation)
+    let state = common::http::state(repo.clone(), Rules::default(), true);
+    let body = serde_json::to_value(common::registration(class_id, essays)).unwrap();
+    let (status, reply) =
+        common::http::call(&state, "POST", "/v1/batches/register", &[], Some(body)).await;
+    assert_eq!(status, axum::http::StatusCode::ACCEPTED, "{reply}");
+    let id = reply["batch_id"].as_str().unwrap().to_owned();
+    let correlation = reply["correlation_id"].as_str().unwrap().parse().unwrap();
+    (id, correlation)
 }
 
 fn essays(n: usize) -> Vec<EssayRef> {
@@ -345,5 +338,414 @@ async fn poison_messages_go_to_the_dead_letter_topic(pool: sqlx::PgPool) {
     );
     assert_eq!(letters[1].header("dlq.reason"), Some("unknown_batch"));
     assert_eq!(letters[1].key.as_deref(), Some("no-such-batch"));
+    finish(cluster, worker, up, vec![observer, dlq]).await;
+}
+
+async fn regular_flow(essays_ready_first: bool, pool: sqlx::PgPool) {
+    let (cluster, worker, up, observer) = setup(pool).await;
+    let (batch_id, corr) = register(&worker.repo, Some("class-9a"), 2).await;
+    let request_corr = Uuid::new_v4();
+    // Requested before the batch is ready: parked, started later by itself.
+    up.send(
+        topics::CLIENT_PIPELINE_REQUEST,
+        &batch_id,
+        request_corr,
+        upstream::pipeline_request(&batch_id, "nlp", "teacher-anna"),
+    )
+    .await;
+    up.send(
+        topics::CONTENT_PROVISIONING_COMPLETED,
+        &batch_id,
+        corr,
+        upstream::content_provisioned(&batch_id, CourseCode::Eng5, "teacher-anna", &essays(2)),
+    )
+    .await;
+    let matching = observer.wait_for(topics::STUDENT_MATCHING_COMMAND, 1).await;
+    assert_eq!(matching[0].value["data"]["class_id"], "class-9a");
+    let now = chrono::Utc::now();
+    let ids: Vec<String> = essays(2).iter().map(|e| e.essay_id.clone()).collect();
+    let confirm =
+        upstream::associations_confirmed(&batch_id, "class-9a", CourseCode::Eng5, &ids, now);
+    let ready = upstream::essays_ready(&batch_id, CourseCode::Eng5, "REGULAR", &essays(2), now);
+    if essays_ready_first {
+        up.send(topics::BATCH_ESSAYS_READY, &batch_id, corr, ready)
+            .await;
+        up.send(
+            topics::STUDENT_ASSOCIATIONS_CONFIRMED,
+            &batch_id,
+            corr,
+            confirm,
+        )
+        .await;
+    } else {
+        up.send(
+            topics::STUDENT_ASSOCIATIONS_CONFIRMED,
+            &batch_id,
+            corr,
+            confirm,
+        )
+        .await;
+        up.send(topics::BATCH_ESSAYS_READY, &batch_id, corr, ready)
+            .await;
+    }
+    let spell = observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
+    assert_eq!(
+        correlation(&spell[0]),
+        request_corr,
+        "the parked request's own correlation id"
+    );
+    answer(&up, &batch_id, PhaseName::Spellcheck, &spell[0], &[]).await;
+    let nlp = observer.wait_for(topics::NLP_COMMAND, 1).await;
+    answer(&up, &batch_id, PhaseName::Nlp, &nlp[0], &[]).await;
+    let done = observer.wait_for(topics::PIPELINE_COMPLETED, 1).await;
+    assert_eq!(
+        done[0].value["data"]["final_status"],
+        "completed_successfully"
+    );
+    assert_eq!(
+        done[0].value["data"]["completed_phases"],
+        serde_json::json!(["spellcheck", "nlp"])
+    );
+    assert_all_valid(&observer);
+    finish(cluster, worker, up, vec![observer]).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn regular_flow_confirmation_first(pool: sqlx::PgPool) {
+    regular_flow(false, pool).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn regular_flow_essays_ready_first(pool: sqlx::PgPool) {
+    regular_flow(true, pool).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn critical_phase_failure_ends_the_run(pool: sqlx::PgPool) {
+    let (cluster, worker, up, observer) = setup(pool).await;
+    let (batch_id, corr) = register(&worker.repo, None, 2).await;
+    up.send(
+        topics::CONTENT_PROVISIONING_COMPLETED,
+        &batch_id,
+        corr,
+        upstream::content_provisioned(&batch_id, CourseCode::Eng5, "t", &essays(2)),
+    )
+    .await;
+    up.send(
+        topics::CLIENT_PIPELINE_REQUEST,
+        &batch_id,
+        Uuid::new_v4(),
+        upstream::pipeline_request(&batch_id, "ai_feedback", "t"),
+    )
+    .await;
+    let spell = observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
+    answer(
+        &up,
+        &batch_id,
+        PhaseName::Spellcheck,
+        &spell[0],
+        &["essay-0", "essay-1"],
+    )
+    .await;
+    let done = observer.wait_for(topics::PIPELINE_COMPLETED, 1).await;
+    let data = &done[0].value["data"];
+    assert_eq!(data["final_status"], "failed_critically");
+    assert_eq!(data["completed_phases"], serde_json::json!([]));
+    assert_eq!(
+        (
+            data["successful_essay_count"].as_i64(),
+            data["failed_essay_count"].as_i64()
+        ),
+        (Some(0), Some(2))
+    );
+    let state = worker
+        .repo
+        .get_processing_pipeline_state(&batch_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        state.nlp.status,
+        bos::contracts::PipelineExecutionStatus::SkippedDueToDependencyFailure
+    );
+    assert_eq!(
+        state.ai_feedback.status,
+        bos::contracts::PipelineExecutionStatus::SkippedDueToDependencyFailure
+    );
+    assert!(observer.on(topics::NLP_COMMAND).is_empty());
+    finish(cluster, worker, up, vec![observer]).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn critical_validation_errors_deny_the_parked_request(pool: sqlx::PgPool) {
+    let (cluster, worker, up, observer) = setup(pool).await;
+    let (batch_id, corr) = register(&worker.repo, None, 2).await;
+    up.send(
+        topics::CLIENT_PIPELINE_REQUEST,
+        &batch_id,
+        Uuid::new_v4(),
+        upstream::pipeline_request(&batch_id, "cj_assessment", "t"),
+    )
+    .await;
+    let errors =
+        upstream::validation_errors(&batch_id, &["essay-0".into()], true, chrono::Utc::now());
+    up.send(topics::VALIDATION_ERRORS, &batch_id, corr, errors)
+        .await;
+    let denied = observer.wait_for(topics::PIPELINE_DENIED, 1).await;
+    assert_eq!(denied[0].value["data"]["denial_reason"], "batch_failed");
+    let batch = worker
+        .repo
+        .get_batch_by_id(&batch_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch.status, bos::contracts::BatchStatus::FailedCritically);
+    assert!(batch.parked.is_none());
+    assert_all_valid(&observer);
+    finish(cluster, worker, up, vec![observer]).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn sequential_pipelines_and_stale_outcomes(pool: sqlx::PgPool) {
+    let (cluster, worker, up, observer) = setup(pool).await;
+    let (batch_id, corr) = register(&worker.repo, None, 3).await;
+    up.send(
+        topics::CONTENT_PROVISIONING_COMPLETED,
+        &batch_id,
+        corr,
+        upstream::content_provisioned(&batch_id, CourseCode::Eng5, "t", &essays(3)),
+    )
+    .await;
+    up.send(
+        topics::CLIENT_PIPELINE_REQUEST,
+        &batch_id,
+        Uuid::new_v4(),
+        upstream::pipeline_request(&batch_id, "nlp", "t"),
+    )
+    .await;
+    let spell = observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
+    answer(
+        &up,
+        &batch_id,
+        PhaseName::Spellcheck,
+        &spell[0],
+        &["essay-2"],
+    )
+    .await;
+    let nlp = observer.wait_for(topics::NLP_COMMAND, 1).await;
+    answer(&up, &batch_id, PhaseName::Nlp, &nlp[0], &[]).await;
+    observer.wait_for(topics::PIPELINE_COMPLETED, 1).await;
+
+    // CJ reuses the finished spellcheck: only the survivors, corrected.
+    up.send(
+        topics::CLIENT_PIPELINE_REQUEST,
+        &batch_id,
+        Uuid::new_v4(),
+        upstream::pipeline_request(&batch_id, "cj_assessment", "t"),
+    )
+    .await;
+    let cj = observer.wait_for(topics::CJ_ASSESSMENT_COMMAND, 1).await;
+    assert_eq!(
+        observer.on(topics::SPELLCHECK_COMMAND).len(),
+        1,
+        "spellcheck pruned"
+    );
+    assert_eq!(
+        command_essays(&cj[0]),
+        [
+            ("essay-0".to_owned(), "store-0-corrected".to_owned()),
+            ("essay-1".to_owned(), "store-1-corrected".to_owned())
+        ]
+    );
+    // A stale outcome: the first run's spellcheck answered again under a new event id.
+    answer(&up, &batch_id, PhaseName::Spellcheck, &spell[0], &[]).await;
+    // A stale outcome of the same phase from an earlier run: nlp of run 1.
+    answer(&up, &batch_id, PhaseName::Nlp, &nlp[0], &[]).await;
+    answer(&up, &batch_id, PhaseName::CjAssessment, &cj[0], &[]).await;
+    let done = observer.wait_for(topics::PIPELINE_COMPLETED, 2).await;
+    assert_eq!(
+        done[1].value["data"]["completed_phases"],
+        serde_json::json!(["cj_assessment"])
+    );
+    assert_eq!(done[1].value["data"]["successful_essay_count"], 2);
+    let state = worker
+        .repo
+        .get_processing_pipeline_state(&batch_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        state.spellcheck.essay_counts.successful, 2,
+        "the stale outcome changed nothing"
+    );
+    assert_eq!(observer.on(topics::PIPELINE_COMPLETED).len(), 2);
+    assert_all_valid(&observer);
+    finish(cluster, worker, up, vec![observer]).await;
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures/wire")
+            .join(name),
+    )
+    .unwrap()
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_platform_samples_are_accepted(pool: sqlx::PgPool) {
+    let (cluster, worker, up, observer) = setup(pool).await;
+    let dlq_topics: Vec<String> = topics::CONSUMED
+        .iter()
+        .map(|t| format!("{}{}", worker.kafka.topic(t), topics::DLQ_SUFFIX))
+        .collect();
+    let dlq = Observer::start(&worker.kafka, &dlq_topics);
+    // The batch the samples speak of, registered as a GUEST batch.
+    let (mut batch, messages) = common::new_batch(0);
+    batch.id = "813c9582-e0d6-5f75-9b92-eeaebb610315".into();
+    batch.pipeline.batch_id = batch.id.clone();
+    worker
+        .repo
+        .create_batch(&batch, &messages[..0])
+        .await
+        .unwrap();
+    for (topic, file) in [
+        (
+            topics::CONTENT_PROVISIONING_COMPLETED,
+            "content_provisioning_completed_guest.json",
+        ),
+        (
+            topics::CLIENT_PIPELINE_REQUEST,
+            "client_pipeline_request_cj.json",
+        ),
+    ] {
+        up.send_raw(topic, &batch.id, &fixture(file), &[]).await;
+    }
+    let spell = observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
+    assert_eq!(
+        correlation(&spell[0]).to_string(),
+        "792975bd-5be4-58ca-9db0-60db211cd882"
+    );
+    up.send_raw(
+        topics::PHASE_OUTCOME,
+        &batch.id,
+        &fixture("phase_outcome_spellcheck_partial.json"),
+        &[],
+    )
+    .await;
+    let cj = observer.wait_for(topics::CJ_ASSESSMENT_COMMAND, 1).await;
+    assert_eq!(command_essays(&cj[0]).len(), 3);
+    assert_eq!(cj[0].value["data"]["assignment_id"], "assign-1");
+    up.send_raw(
+        topics::PHASE_OUTCOME,
+        &batch.id,
+        &fixture("phase_outcome_cj_failed.json"),
+        &[],
+    )
+    .await;
+    let done = observer.wait_for(topics::PIPELINE_COMPLETED, 1).await;
+    let data = &done[0].value["data"];
+    assert_eq!(data["completed_phases"], serde_json::json!(["spellcheck"]));
+    assert_eq!(
+        (
+            data["successful_essay_count"].as_i64(),
+            data["failed_essay_count"].as_i64()
+        ),
+        (Some(0), Some(4))
+    );
+    assert_eq!(data["final_status"], "failed_critically");
+    for (topic, file) in [
+        (
+            topics::STUDENT_ASSOCIATIONS_CONFIRMED,
+            "student_associations_confirmed.json",
+        ),
+        (topics::BATCH_ESSAYS_READY, "batch_essays_ready.json"),
+        (topics::VALIDATION_ERRORS, "validation_errors_critical.json"),
+    ] {
+        up.send_raw(topic, &batch.id, &fixture(file), &[]).await;
+    }
+    // The last sample is recorded on the batch; none was dead-lettered.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let b = worker
+            .repo
+            .get_batch_by_id(&batch.id)
+            .await
+            .unwrap()
+            .unwrap();
+        if !b.validation_errors.is_empty() {
+            assert_eq!(
+                b.status,
+                bos::contracts::BatchStatus::ReadyForPipelineExecution,
+                "errors after a run are only recorded"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "validation errors never recorded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        dlq.all().is_empty(),
+        "no sample was dead-lettered: {:?}",
+        dlq.all()
+    );
+    assert_all_valid(&observer);
+    finish(cluster, worker, up, vec![observer, dlq]).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn dead_letters_replay_into_their_topic(pool: sqlx::PgPool) {
+    let (cluster, worker, up, observer) = setup(pool).await;
+    let dlq_name = format!("{}{}", topics::CLIENT_PIPELINE_REQUEST, topics::DLQ_SUFFIX);
+    let dlq = Observer::start(&worker.kafka, &[worker.kafka.topic(&dlq_name)]);
+    let (batch_id, corr) = register(&worker.repo, None, 1).await;
+    // A request for a batch id nobody knows yet: dead-lettered.
+    let (mut early, _) = common::new_batch(0);
+    let early_id = early.id.clone();
+    up.send(
+        topics::CLIENT_PIPELINE_REQUEST,
+        &early_id,
+        corr,
+        upstream::pipeline_request(&early_id, "spellcheck", "t"),
+    )
+    .await;
+    let letters = dlq.wait_for(&dlq_name, 1).await;
+    assert_eq!(letters[0].header("dlq.reason"), Some("unknown_batch"));
+    // The batch arrives; replaying the letter now starts its pipeline.
+    early.status = bos::contracts::BatchStatus::ReadyForPipelineExecution;
+    early.essays = vec![bos::domain::BatchEssay::from_ref(&EssayRef::new("x", "s"))];
+    worker.repo.create_batch(&early, &[]).await.unwrap();
+    let producer = bos::outbox::idempotent_producer(&worker.kafka).unwrap();
+    let idle = std::time::Duration::from_secs(30);
+    let first = bos::dlq::replay(
+        &worker.kafka,
+        &producer,
+        topics::CLIENT_PIPELINE_REQUEST,
+        None,
+        idle,
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.replayed, 1);
+    let spell = observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
+    assert_eq!(spell[0].key.as_deref(), Some(early_id.as_str()));
+    let second = bos::dlq::replay(
+        &worker.kafka,
+        &producer,
+        topics::CLIENT_PIPELINE_REQUEST,
+        None,
+        idle,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        second.replayed, 0,
+        "a second replay continues where the first stopped"
+    );
+    let _ = batch_id;
+    drop(producer);
     finish(cluster, worker, up, vec![observer, dlq]).await;
 }
