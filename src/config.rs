@@ -84,6 +84,8 @@ pub struct RelaySettings {
     /// Published rows older than this are deleted.
     pub retention: Duration,
     pub purge_batch: i64,
+    /// How long a relay holds claimed rows before another relay may take them over.
+    pub lease: Duration,
 }
 
 impl Default for RelaySettings {
@@ -95,6 +97,7 @@ impl Default for RelaySettings {
             retry_max: Duration::from_secs(60),
             retention: Duration::from_secs(24 * 3600),
             purge_batch: 1000,
+            lease: Duration::from_secs(30),
         }
     }
 }
@@ -196,6 +199,9 @@ impl Settings {
         let mut relay = RelaySettings::default();
         if let Some(v) = get("BOS_RELAY_BATCH_SIZE") {
             relay.batch_size = parse_num("BOS_RELAY_BATCH_SIZE", &v)?;
+        }
+        if let Some(v) = get("BOS_RELAY_LEASE_SECS") {
+            relay.lease = Duration::from_secs(parse_num("BOS_RELAY_LEASE_SECS", &v)?);
         }
         if let Some(v) = get("BOS_OUTBOX_RETENTION_SECS") {
             relay.retention = Duration::from_secs(parse_num("BOS_OUTBOX_RETENTION_SECS", &v)?);

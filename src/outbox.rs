@@ -16,9 +16,6 @@ use crate::contracts::{time, Timestamp};
 use crate::metrics::Metrics;
 use crate::store::{OutboxRow, Repository, StoreResult};
 
-/// How long a relay may hold rows before another relay may take them over.
-const LEASE: Duration = Duration::from_secs(30);
-
 /// An idempotent producer (`enable.idempotence=true`, `acks=all`).
 pub fn idempotent_producer(kafka: &KafkaSettings) -> rdkafka::error::KafkaResult<FutureProducer> {
     let mut config = kafka.client_config();
@@ -116,51 +113,66 @@ impl Relay {
         chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX)
     }
 
+    async fn produce(&self, row: &OutboxRow) -> Result<(), String> {
+        let topic = self.kafka.topic(&row.topic);
+        let payload = row.payload.to_string();
+        let record = FutureRecord::to(&topic)
+            .key(&row.key)
+            .payload(&payload)
+            .headers(headers(row));
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e.to_string())
+    }
+
     /// One claim → produce → settle pass.
     pub async fn publish_once(&self) -> StoreResult<Pass> {
         let started = std::time::Instant::now();
         let rows = self
             .repo
-            .claim_outbox(self.settings.batch_size, LEASE)
+            .claim_outbox(self.settings.batch_size, self.settings.lease)
             .await?;
         if rows.is_empty() {
             return Ok(Pass::default());
         }
-        let deliveries = rows.iter().map(|row| {
-            let topic = self.kafka.topic(&row.topic);
-            let payload = row.payload.to_string();
-            let headers = headers(row);
-            let producer = &self.producer;
-            async move {
-                let record = FutureRecord::to(&topic)
-                    .key(&row.key)
-                    .payload(&payload)
-                    .headers(headers);
-                producer
-                    .send(record, Duration::from_secs(30))
-                    .await
-                    .map(|_| ())
-                    .map_err(|(e, _)| e.to_string())
+        // Keys publish concurrently; the rows of one key one after another, and
+        // a key stops at its first failure so nothing overtakes the failed row.
+        let mut by_key: Vec<Vec<&OutboxRow>> = Vec::new();
+        let mut index: std::collections::HashMap<&str, usize> = Default::default();
+        for row in &rows {
+            let slot = *index.entry(row.key.as_str()).or_insert_with(|| {
+                by_key.push(Vec::new());
+                by_key.len() - 1
+            });
+            by_key[slot].push(row);
+        }
+        let chains = by_key.into_iter().map(|chain| async move {
+            let mut results = Vec::with_capacity(chain.len());
+            let mut failed = false;
+            for row in chain {
+                let result = if failed {
+                    None
+                } else {
+                    Some(self.produce(row).await)
+                };
+                failed |= matches!(result, Some(Err(_)));
+                results.push((row, result));
             }
+            results
         });
-        let results = join_all(deliveries).await;
-        // A key stops at its first failure: the rows behind it wait, in order.
         let now: Timestamp = chrono::Utc::now();
-        let mut blocked: std::collections::HashSet<&str> = Default::default();
         let (mut published, mut failed, mut released): (Vec<Uuid>, Vec<_>, Vec<Uuid>) =
             Default::default();
-        for (row, result) in rows.iter().zip(results) {
-            if blocked.contains(row.key.as_str()) {
-                released.push(row.id);
-                continue;
-            }
+        for (row, result) in join_all(chains).await.into_iter().flatten() {
             match result {
-                Ok(()) => published.push(row.id),
-                Err(error) => {
+                Some(Ok(())) => published.push(row.id),
+                Some(Err(error)) => {
                     tracing::warn!(event_id = %row.id, topic = %row.topic, %error, "publish failed; will retry");
-                    blocked.insert(row.key.as_str());
                     failed.push((row.id, error, now + self.backoff(row.attempts)));
                 }
+                None => released.push(row.id),
             }
         }
         self.repo
