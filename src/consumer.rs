@@ -151,14 +151,28 @@ impl Handler {
                         batch
                     }
                 };
-                let mut ids = RandomIds;
-                let mut env = Env {
-                    now: chrono::Utc::now(),
-                    ids: &mut ids,
-                };
-                let decision = self
-                    .rules
-                    .decide(current.as_ref(), &message.event, meta, &mut env);
+                let record = &records[i];
+                let span = tracing::info_span!(
+                    "event",
+                    event_id = %meta.event_id,
+                    correlation_id = %meta.correlation_id,
+                    batch_id = id,
+                    topic = %record.topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                );
+                let mut meta = meta.clone();
+                meta.traceparent =
+                    crate::telemetry::continue_trace(&span, meta.traceparent.as_deref());
+                let decision = span.in_scope(|| {
+                    let mut ids = RandomIds;
+                    let mut env = Env {
+                        now: chrono::Utc::now(),
+                        ids: &mut ids,
+                    };
+                    self.rules
+                        .decide(current.as_ref(), &message.event, &meta, &mut env)
+                });
                 for note in &decision.notes {
                     tracing::info!(event_id = %meta.event_id, batch_id = id, "{note}");
                 }

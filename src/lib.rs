@@ -26,4 +26,5 @@ pub mod http;
 pub mod metrics;
 pub mod outbox;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;

@@ -47,22 +47,11 @@ enum DlqCommand {
     },
 }
 
-fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let json = std::env::var("BOS_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
     let cli = Cli::parse();
+    let json = std::env::var("BOS_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let _telemetry = bos::telemetry::init(json)?;
     let settings = Settings::from_env()?;
     match cli.command {
         Command::Run => {

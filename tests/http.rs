@@ -108,8 +108,8 @@ async fn register_then_read_status_and_pipeline_state() {
     assert_eq!(reply["pipeline_state"]["requested_pipelines"], json!([]));
 
     for uri in [
-        format!("/v1/batches/nope/status"),
-        format!("/internal/v1/batches/nope/pipeline-state"),
+        "/v1/batches/nope/status".to_string(),
+        "/internal/v1/batches/nope/pipeline-state".to_string(),
     ] {
         assert_eq!(
             call(&state, "GET", &uri, &[], None).await.0,

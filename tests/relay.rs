@@ -28,9 +28,8 @@ async fn fill(
     for b in 0..batches {
         let (batch, _) = common::new_batch(1);
         repo.create_batch(&batch, &[]).await.unwrap();
-        let mut version = 1;
         // Several transactions per batch, several rows each, like real decisions.
-        for chunk in (0..per_batch).collect::<Vec<_>>().chunks(3) {
+        for (version, chunk) in (1..).zip((0..per_batch).collect::<Vec<_>>().chunks(3)) {
             let outbox = chunk
                 .iter()
                 .map(|&n| OutboundMessage {
@@ -52,7 +51,6 @@ async fn fill(
                 snapshot: None,
             };
             repo.apply(vec![change]).await.unwrap();
-            version += 1;
         }
         keys.push(batch.id);
     }

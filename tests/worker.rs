@@ -139,11 +139,20 @@ async fn guest_flow_with_partial_spellcheck(pool: sqlx::PgPool) {
     )
     .await;
     let request_corr = Uuid::new_v4();
-    up.send(
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let request = upstream::envelope_json(
+        topics::CLIENT_PIPELINE_REQUEST,
+        "api_gateway_service",
+        Uuid::new_v4(),
+        request_corr,
+        chrono::Utc::now(),
+        upstream::pipeline_request(&batch_id, "cj_assessment", "teacher-anna"),
+    );
+    up.send_raw(
         topics::CLIENT_PIPELINE_REQUEST,
         &batch_id,
-        request_corr,
-        upstream::pipeline_request(&batch_id, "cj_assessment", "teacher-anna"),
+        &request,
+        &[("traceparent", traceparent)],
     )
     .await;
 
@@ -154,6 +163,15 @@ async fn guest_flow_with_partial_spellcheck(pool: sqlx::PgPool) {
         "commands carry the run's correlation id"
     );
     assert_eq!(command_essays(&spell[0]).len(), 4);
+    assert_eq!(
+        spell[0].header("traceparent"),
+        Some(traceparent),
+        "the trace travels in the header"
+    );
+    assert_eq!(
+        spell[0].value["metadata"]["traceparent"], traceparent,
+        "and in the command metadata"
+    );
     answer(
         &up,
         &batch_id,
@@ -281,7 +299,7 @@ async fn poison_messages_go_to_the_dead_letter_topic(pool: sqlx::PgPool) {
     let dlq_topic = worker
         .kafka
         .topic(&format!("{}{}", topics::PHASE_OUTCOME, topics::DLQ_SUFFIX));
-    let dlq = Observer::start(&worker.kafka, &[dlq_topic.clone()]);
+    let dlq = Observer::start(&worker.kafka, std::slice::from_ref(&dlq_topic));
     let (batch_id, corr) = register(&worker.repo, None, 1).await;
     up.send_raw(
         topics::PHASE_OUTCOME,
