@@ -219,12 +219,31 @@ impl Observer {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &kafka.bootstrap_servers)
             .set("group.id", format!("observer-{}", Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("topic.metadata.refresh.interval.ms", "500")
             .create()
             .unwrap();
-        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&names).unwrap();
+        // Explicit assignment from the beginning: no group join to wait for.
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        for topic in topics {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let partitions: Vec<i32> = consumer
+                    .fetch_metadata(Some(topic), Duration::from_secs(5))
+                    .map(|md| md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect())
+                    .unwrap_or_default();
+                if !partitions.is_empty() {
+                    for p in partitions {
+                        assignment.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
+                    }
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "topic {topic} has no partitions");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        consumer.assign(&assignment).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
         let prefix = kafka.topic_prefix.clone();
