@@ -359,6 +359,30 @@ async fn poison_messages_go_to_the_dead_letter_topic(pool: sqlx::PgPool) {
     finish(cluster, worker, up, vec![observer, dlq]).await;
 }
 
+/// Waits until the stored batch satisfies `done` (30 s at most).
+async fn wait_for_batch(
+    repo: &Arc<dyn Repository>,
+    id: &str,
+    done: impl Fn(&bos::domain::Batch) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if repo
+            .get_batch_by_id(id)
+            .await
+            .unwrap()
+            .is_some_and(|b| done(&b))
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "batch {id} never reached the expected state"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
 async fn regular_flow(essays_ready_first: bool, pool: sqlx::PgPool) {
     let (cluster, worker, up, observer) = setup(pool).await;
     let (batch_id, corr) = register(&worker.repo, Some("class-9a"), 2).await;
@@ -385,9 +409,14 @@ async fn regular_flow(essays_ready_first: bool, pool: sqlx::PgPool) {
     let confirm =
         upstream::associations_confirmed(&batch_id, "class-9a", CourseCode::Eng5, &ids, now);
     let ready = upstream::essays_ready(&batch_id, CourseCode::Eng5, "REGULAR", &essays(2), now);
+    // Different topics have no order between them: wait for each effect.
     if essays_ready_first {
         up.send(topics::BATCH_ESSAYS_READY, &batch_id, corr, ready)
             .await;
+        wait_for_batch(&worker.repo, &batch_id, |b| {
+            b.orchestration.essays_ready_received
+        })
+        .await;
         up.send(
             topics::STUDENT_ASSOCIATIONS_CONFIRMED,
             &batch_id,
@@ -402,6 +431,10 @@ async fn regular_flow(essays_ready_first: bool, pool: sqlx::PgPool) {
             corr,
             confirm,
         )
+        .await;
+        wait_for_batch(&worker.repo, &batch_id, |b| {
+            b.status == bos::contracts::BatchStatus::StudentValidationCompleted
+        })
         .await;
         up.send(topics::BATCH_ESSAYS_READY, &batch_id, corr, ready)
             .await;
@@ -682,29 +715,42 @@ async fn the_platform_samples_are_accepted(pool: sqlx::PgPool) {
     ] {
         up.send_raw(topic, &batch.id, &fixture(file), &[]).await;
     }
-    // The last sample is recorded on the batch; none was dead-lettered.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let b = worker
-            .repo
-            .get_batch_by_id(&batch.id)
-            .await
-            .unwrap()
-            .unwrap();
-        if !b.validation_errors.is_empty() {
-            assert_eq!(
-                b.status,
-                bos::contracts::BatchStatus::ReadyForPipelineExecution,
-                "errors after a run are only recorded"
+    // Every sample was applied (each has its inbox row), and none was dead-lettered.
+    for event_id in [
+        "ff3215a1-4563-58c4-a80f-e54ab3a55aae",
+        "b4adfe4d-bcb5-5aab-9f88-3a549e7b1f37",
+        "0177559d-b0c5-5876-a4f7-8f292ec9d41a",
+        "ea9446cb-857b-5ebe-8a93-91360375ce22",
+        "2b63e4bb-5113-509d-8db7-28416eb984c8",
+        "2245713d-fbb3-51eb-9c17-18e81d634a1c",
+        "3f6ecf7a-7d8d-55b1-aaf1-e5731598580b",
+    ] {
+        let event_id: Uuid = event_id.parse().unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !worker.repo.inbox_contains(event_id).await.unwrap() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sample {event_id} never applied"
             );
-            break;
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "validation errors never recorded"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    let b = worker
+        .repo
+        .get_batch_by_id(&batch.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        b.validation_errors.len(),
+        1,
+        "validation errors after a run are recorded"
+    );
+    assert_eq!(
+        b.status,
+        bos::contracts::BatchStatus::ReadyForPipelineExecution,
+        "and change nothing else"
+    );
     assert!(
         dlq.all().is_empty(),
         "no sample was dead-lettered: {:?}",

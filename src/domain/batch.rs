@@ -245,6 +245,9 @@ pub struct Run {
 pub struct ParkedRequest {
     pub event_id: Uuid,
     pub correlation_id: Uuid,
+    /// The trace the request arrived in: its run's commands continue it.
+    #[serde(default)]
+    pub traceparent: Option<String>,
     pub request: ClientPipelineRequest,
     #[serde(with = "time")]
     pub parked_at: Timestamp,

@@ -29,7 +29,7 @@ pub struct MessageContext<'a> {
     pub batch_id: &'a str,
     pub correlation_id: Uuid,
     pub now: Timestamp,
-    pub traceparent: Option<&'a str>,
+    pub traceparent: Option<String>,
 }
 
 impl MessageContext<'_> {
@@ -58,7 +58,7 @@ impl MessageContext<'_> {
             key: self.batch_id.to_owned(),
             correlation_id: self.correlation_id,
             occurred_at: self.now,
-            traceparent: self.traceparent.map(str::to_owned),
+            traceparent: self.traceparent.clone(),
             envelope: serde_json::to_value(envelope).expect("wire types always encode"),
         }
     }

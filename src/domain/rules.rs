@@ -345,7 +345,7 @@ impl Rules {
                 batch_id: &batch_id,
                 correlation_id,
                 now: env.now,
-                traceparent: meta.traceparent.as_deref(),
+                traceparent: meta.traceparent.clone(),
             },
             messages: Vec::new(),
             notes: Vec::new(),
@@ -366,6 +366,7 @@ impl Rules {
                 let parked = ParkedRequest {
                     event_id: meta.event_id,
                     correlation_id: meta.correlation_id,
+                    traceparent: meta.traceparent.clone(),
                     request: e.clone(),
                     parked_at: env.now,
                 };
@@ -442,7 +443,7 @@ impl Rules {
                     class_id,
                     course_code: batch.context.course_code,
                 };
-                let metadata = command_metadata(batch, out.ctx.traceparent);
+                let metadata = command_metadata(batch, out.ctx.traceparent.as_deref());
                 let message = out.ctx.message(
                     env.ids.next_id(),
                     topics::STUDENT_MATCHING_COMMAND,
@@ -619,6 +620,9 @@ impl Rules {
         env: &mut Env<'_>,
     ) {
         out.ctx.correlation_id = request.correlation_id;
+        if request.traceparent.is_some() {
+            out.ctx.traceparent = request.traceparent.clone();
+        }
         if let Some(prompt) = &request.request.prompt_payload {
             if let Some(assignment_id) = &prompt.assignment_id {
                 batch.context.assignment_id = Some(assignment_id.clone());
@@ -766,7 +770,7 @@ impl Rules {
         let class_type = batch.class_type().to_owned();
         let now = env.now;
         let base = |name: &str| command_base(name, &batch.id, now, essays.clone());
-        let metadata = Some(command_metadata(batch, out.ctx.traceparent));
+        let metadata = Some(command_metadata(batch, out.ctx.traceparent.as_deref()));
         let id = env.ids.next_id();
         let message = match phase {
             PhaseName::Spellcheck => out.ctx.message(

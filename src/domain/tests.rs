@@ -1200,3 +1200,25 @@ proptest! {
         run_script(regular, n, script)?;
     }
 }
+
+#[test]
+fn a_parked_request_keeps_its_trace() {
+    let mut sim = Sim::registered(None, 1, Rules::default());
+    let id = sim.batch.id.clone();
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let meta = EventMeta {
+        event_id: Uuid::from_u128(8),
+        correlation_id: Uuid::from_u128(9),
+        traceparent: Some(tp.into()),
+    };
+    sim.send_with(
+        InboundEvent::PipelineRequest(upstream::pipeline_request(&id, "spellcheck", TEACHER)),
+        meta,
+    );
+    let d = sim.send(InboundEvent::ContentProvisioned(
+        upstream::content_provisioned(&id, CourseCode::Eng5, TEACHER, &essays(1)),
+    ));
+    assert_eq!(d.messages[0].topic, topics::SPELLCHECK_COMMAND);
+    assert_eq!(d.messages[0].traceparent.as_deref(), Some(tp));
+    assert_eq!(d.messages[0].envelope["metadata"]["traceparent"], tp);
+}

@@ -231,15 +231,25 @@ impl Observer {
             loop {
                 let partitions: Vec<i32> = consumer
                     .fetch_metadata(Some(topic), Duration::from_secs(5))
-                    .map(|md| md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect())
+                    .map(|md| {
+                        md.topics()
+                            .iter()
+                            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 if !partitions.is_empty() {
                     for p in partitions {
-                        assignment.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
+                        assignment
+                            .add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+                            .unwrap();
                     }
                     break;
                 }
-                assert!(std::time::Instant::now() < deadline, "topic {topic} has no partitions");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "topic {topic} has no partitions"
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
