@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::join_all;
 use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -366,9 +367,8 @@ impl Worker {
 
     /// Consumes until `shutdown` turns true, then commits what is done.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = self.settings.backoff_initial;
         let mut lag_measured = std::time::Instant::now();
-        'consume: while !*shutdown.borrow() {
+        while !*shutdown.borrow() {
             if lag_measured.elapsed() > Duration::from_secs(10) {
                 lag_measured = std::time::Instant::now();
                 let consumer = self.consumer.clone();
@@ -386,7 +386,7 @@ impl Worker {
                 Ok(m) => vec![self.detach(&m)],
                 Err(e) => {
                     tracing::warn!(error = %e, "consumer error");
-                    tokio::time::sleep(backoff).await;
+                    tokio::time::sleep(self.settings.backoff_initial).await;
                     continue;
                 }
             };
@@ -396,63 +396,108 @@ impl Worker {
                     _ => break,
                 }
             }
-            let started = std::time::Instant::now();
-            let outcomes = loop {
-                match self.handler.handle(&records).await {
-                    Ok(outcomes) => {
-                        backoff = self.settings.backoff_initial;
-                        break outcomes;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, ?backoff, "apply failed; retrying the same records");
-                        tokio::select! {
-                            _ = shutdown.changed() => break 'consume,
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(self.settings.backoff_max);
-                    }
+            // Each partition's records in order, partitions side by side.
+            let mut partitions: Vec<Vec<Incoming>> = Vec::new();
+            for record in records {
+                match partitions
+                    .iter_mut()
+                    .find(|p| p[0].topic == record.topic && p[0].partition == record.partition)
+                {
+                    Some(p) => p.push(record),
+                    None => partitions.push(vec![record]),
                 }
-            };
+            }
+            let started = std::time::Instant::now();
+            let results = join_all(
+                partitions
+                    .iter()
+                    .map(|p| self.apply_partition(p, shutdown.clone())),
+            )
+            .await;
             self.metrics
                 .handler_seconds
                 .observe(started.elapsed().as_secs_f64());
-            for (record, outcome) in records.iter().zip(&outcomes) {
-                self.metrics
-                    .messages
-                    .with_label_values(&[record.topic.as_str(), outcome.label()])
-                    .inc();
-                match outcome {
-                    Outcome::DeadLetter { reason, error } => {
-                        self.metrics.dead_letters.inc();
-                        tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, reason, error, "dead-lettering");
-                        let mut wait = self.settings.backoff_initial;
-                        while let Err(e) = self.dead_letter(record, reason, error).await {
-                            tracing::warn!(error = %e, "dead-letter publish failed; retrying");
-                            tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(self.settings.backoff_max);
-                        }
-                    }
-                    Outcome::Ignored(why) => {
-                        tracing::info!(topic = %record.topic, offset = record.offset, why, "ignored")
-                    }
-                    Outcome::Duplicate => {
-                        self.metrics.duplicates.inc();
-                        tracing::info!(topic = %record.topic, offset = record.offset, "duplicate skipped")
-                    }
-                    Outcome::Applied => {}
-                }
-                let topic = self.kafka.topic(&record.topic);
-                if let Err(e) = self
-                    .consumer
-                    .store_offset(&topic, record.partition, record.offset)
-                {
-                    tracing::warn!(error = %e, "offset store failed (partition revoked?)");
+            let mut stopping = false;
+            for (records, outcomes) in partitions.iter().zip(results) {
+                match outcomes {
+                    Some(outcomes) => self.settle(records, outcomes.as_slice()).await,
+                    // Shut down while retrying: these offsets stay uncommitted.
+                    None => stopping = true,
                 }
             }
             self.outbox_written.notify_one();
+            if stopping {
+                break;
+            }
         }
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(error = %e, "final commit");
+        }
+    }
+
+    /// Applies one partition's records, retrying transient failures with capped
+    /// backoff (never skipping); `None` when shutdown came first.
+    async fn apply_partition(
+        &self,
+        records: &[Incoming],
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Option<Vec<Outcome>> {
+        let mut backoff = self.settings.backoff_initial;
+        loop {
+            match self.handler.handle(records).await {
+                Ok(outcomes) => return Some(outcomes),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        topic = %records[0].topic,
+                        partition = records[0].partition,
+                        ?backoff,
+                        "apply failed; retrying the same records"
+                    );
+                    tokio::select! {
+                        _ = shutdown.wait_for(|s| *s) => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.settings.backoff_max);
+                }
+            }
+        }
+    }
+
+    /// Dead-letters what needs it, counts, and stores the offsets of done records.
+    async fn settle(&self, records: &[Incoming], outcomes: &[Outcome]) {
+        for (record, outcome) in records.iter().zip(outcomes) {
+            self.metrics
+                .messages
+                .with_label_values(&[record.topic.as_str(), outcome.label()])
+                .inc();
+            match outcome {
+                Outcome::DeadLetter { reason, error } => {
+                    self.metrics.dead_letters.inc();
+                    tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, reason, error, "dead-lettering");
+                    let mut wait = self.settings.backoff_initial;
+                    while let Err(e) = self.dead_letter(record, reason, error).await {
+                        tracing::warn!(error = %e, "dead-letter publish failed; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(self.settings.backoff_max);
+                    }
+                }
+                Outcome::Ignored(why) => {
+                    tracing::info!(topic = %record.topic, offset = record.offset, why, "ignored")
+                }
+                Outcome::Duplicate => {
+                    self.metrics.duplicates.inc();
+                    tracing::info!(topic = %record.topic, offset = record.offset, "duplicate skipped")
+                }
+                Outcome::Applied => {}
+            }
+            let topic = self.kafka.topic(&record.topic);
+            if let Err(e) = self
+                .consumer
+                .store_offset(&topic, record.partition, record.offset)
+            {
+                tracing::warn!(error = %e, "offset store failed (partition revoked?)");
+            }
         }
     }
 }

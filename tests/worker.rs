@@ -813,3 +813,40 @@ async fn dead_letters_replay_into_their_topic(pool: sqlx::PgPool) {
     drop(producer);
     finish(cluster, worker, up, vec![observer, dlq]).await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_failed_transaction_is_retried_not_skipped(pool: sqlx::PgPool) {
+    let (cluster, worker, up, observer) = setup(pool).await;
+    let (batch_id, corr) = register(&worker.repo, None, 1).await;
+    up.send(
+        topics::CONTENT_PROVISIONING_COMPLETED,
+        &batch_id,
+        corr,
+        upstream::content_provisioned(&batch_id, CourseCode::Eng5, "t", &essays(1)),
+    )
+    .await;
+    wait_for_batch(&worker.repo, &batch_id, |b| {
+        b.status == bos::contracts::BatchStatus::ReadyForPipelineExecution
+    })
+    .await;
+    // The next transaction fails after writing its outbox rows, as a crash would.
+    worker
+        .repo
+        .inject_fault(bos::store::Fault::AfterOutboxInsert);
+    up.send(
+        topics::CLIENT_PIPELINE_REQUEST,
+        &batch_id,
+        Uuid::new_v4(),
+        upstream::pipeline_request(&batch_id, "spellcheck", "t"),
+    )
+    .await;
+    let spell = observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
+    answer(&up, &batch_id, PhaseName::Spellcheck, &spell[0], &[]).await;
+    observer.wait_for(topics::PIPELINE_COMPLETED, 1).await;
+    assert_eq!(
+        observer.on(topics::SPELLCHECK_COMMAND).len(),
+        1,
+        "the retried event is applied once"
+    );
+    finish(cluster, worker, up, vec![observer]).await;
+}
