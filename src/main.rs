@@ -7,11 +7,13 @@ use clap::{Parser, Subcommand};
 
 use bos::app::{self, Role};
 use bos::config::Settings;
-use bos::domain::Rules;
 
 #[derive(Parser)]
 #[command(name = "bos", version, about = "Batch Orchestrator Service")]
 struct Cli {
+    /// A TOML file overriding the built-in defaults (see config/default.toml).
+    #[arg(long, global = true, env = "BOS_CONFIG")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,6 +26,8 @@ enum Command {
     Relay,
     /// Apply the database migrations and exit.
     Migrate,
+    /// Print the effective configuration (secrets masked) and exit.
+    Config,
     /// Dead-letter topics.
     Dlq {
         #[command(subcommand)]
@@ -50,14 +54,25 @@ enum DlqCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let json = std::env::var("BOS_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let _telemetry = bos::telemetry::init(json)?;
-    let settings = Settings::from_env()?;
+    let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("bos: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Command::Config = cli.command {
+        println!("{}", serde_json::to_string_pretty(&settings.masked())?);
+        return Ok(());
+    }
+    let _telemetry = bos::telemetry::init(settings.log_json)?;
+    let rules = settings.rules();
     match cli.command {
+        Command::Config => Ok(()),
         Command::Run => {
             app::run(
                 settings,
-                Rules::default(),
+                rules.clone(),
                 Role::Worker,
                 app::shutdown_on_signals(),
             )
@@ -66,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Relay => {
             app::run(
                 settings,
-                Rules::default(),
+                rules.clone(),
                 Role::RelayOnly,
                 app::shutdown_on_signals(),
             )

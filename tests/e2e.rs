@@ -33,7 +33,7 @@ fn spawn_worker(database_url: &str, kafka: &bos::config::KafkaSettings) -> Child
         .env("BOS_KAFKA_TOPIC_PREFIX", &kafka.topic_prefix)
         .env("BOS_KAFKA_GROUP_ID", &kafka.group_id)
         .env("BOS_HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("BOS_RELAY_LEASE_SECS", "3")
+        .env("BOS__RELAY__LEASE_SECS", "3")
         .env("BOS_LIBRDKAFKA_TOPIC_METADATA_REFRESH_INTERVAL_MS", "500")
         .env("BOS_LIBRDKAFKA_SESSION_TIMEOUT_MS", "6000")
         .env("BOS_LIBRDKAFKA_HEARTBEAT_INTERVAL_MS", "500")
