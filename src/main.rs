@@ -28,11 +28,96 @@ enum Command {
     Migrate,
     /// Print the effective configuration (secrets masked) and exit.
     Config,
+    /// Run the whole system in-process (embedded Kafka, in-memory store or
+    /// DATABASE_URL) against simulated upstream services, then print a summary.
+    Demo(DemoArgs),
     /// Dead-letter topics.
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Batches to register.
+    #[arg(long, default_value_t = 50)]
+    batches: usize,
+    /// Essays per batch, as MIN-MAX.
+    #[arg(long, default_value = "2-6", value_parser = essay_range)]
+    essays: (usize, usize),
+    /// Chance that an essay fails a phase.
+    #[arg(long, default_value_t = 0.05, value_parser = probability)]
+    failure_rate: f64,
+    /// Chance that a whole phase fails (default: a fifth of --failure-rate).
+    #[arg(long, value_parser = probability)]
+    phase_failure_rate: Option<f64>,
+    /// Chance that an upstream event is delivered twice.
+    #[arg(long, default_value_t = 0.1, value_parser = probability)]
+    duplicate_rate: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Longest answer delay of the simulated essay lifecycle service, in ms.
+    #[arg(long, default_value_t = 30)]
+    max_delay_ms: u64,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout_seconds: u64,
+}
+
+fn essay_range(raw: &str) -> Result<(usize, usize), String> {
+    let (lo, hi) = raw.split_once('-').unwrap_or((raw, raw));
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("`{raw}` is not MIN-MAX"))
+    };
+    let (lo, hi) = (parse(lo)?, parse(hi)?);
+    if lo == 0 || lo > hi {
+        return Err(format!("`{raw}`: need 1 <= MIN <= MAX"));
+    }
+    Ok((lo, hi))
+}
+
+fn probability(raw: &str) -> Result<f64, String> {
+    match raw.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("`{raw}` is not a probability between 0 and 1")),
+    }
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let options = bos::demo::DemoOptions {
+        batches: args.batches,
+        essays_min: args.essays.0,
+        essays_max: args.essays.1,
+        failure_rate: args.failure_rate,
+        phase_failure_rate: args.phase_failure_rate.unwrap_or(args.failure_rate / 5.0),
+        duplicate_rate: args.duplicate_rate,
+        seed: args.seed,
+        max_delay: Duration::from_millis(args.max_delay_ms),
+        database_url: std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()),
+        timeout: Duration::from_secs(args.timeout_seconds),
+    };
+    let store = if options.database_url.is_some() {
+        "PostgreSQL (DATABASE_URL)"
+    } else {
+        "in-memory store"
+    };
+    eprintln!(
+        "bos demo: {} batches, embedded Kafka, {store}, seed {}",
+        options.batches, options.seed
+    );
+    let summary = bos::demo::run(options).await?;
+    println!("\n{}", summary.render());
+    if summary.problems.is_empty() {
+        Ok(())
+    } else {
+        for problem in summary.problems.iter().take(20) {
+            eprintln!("inconsistent: {problem}");
+        }
+        std::process::exit(1);
+    }
 }
 
 #[derive(Subcommand)]
@@ -54,6 +139,15 @@ enum DlqCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Demo(args) = cli.command {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| "error".into());
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+        return demo(args).await;
+    }
     let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
         Ok(settings) => settings,
         Err(e) => {
@@ -68,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = bos::telemetry::init(settings.log_json)?;
     let rules = settings.rules();
     match cli.command {
-        Command::Config => Ok(()),
+        Command::Config | Command::Demo(_) => Ok(()),
         Command::Run => {
             app::run(
                 settings,
