@@ -61,21 +61,18 @@ impl Lcg {
     }
 }
 
-#[sqlx::test(migrations = false)]
-async fn two_workers_one_killed_every_batch_completes(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn two_workers_one_killed_every_batch_completes() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     let repo = PgRepository::from_pool(pool.clone());
     repo.migrate().await.unwrap();
     let repo: Arc<dyn Repository> = Arc::new(repo);
-    let database: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let database_url = format!("{}/{database}", base.rsplit_once('/').unwrap().0);
+    let database_url = database.url.clone();
 
-    let cluster = Cluster::start();
+    let cluster = Cluster::start().await;
     let kafka = kafka_settings(&cluster);
-    cluster.create_topics(&kafka.topic_prefix, 4);
+    cluster.create_topics(&kafka.topic_prefix, 4).await;
     let observer = Observer::published(&kafka);
     let up = Arc::new(Upstream::new(&kafka));
 

@@ -379,8 +379,10 @@ async fn health_readiness_and_metrics() {
     }
 }
 
-#[sqlx::test(migrations = false)]
-async fn readiness_fails_while_the_database_is_down(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn readiness_fails_while_the_database_is_down() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     let repo = bos::store::PgRepository::from_pool(pool.clone());
     repo.migrate().await.unwrap();
     let state = state(Arc::new(repo), Rules::default(), true);

@@ -71,14 +71,16 @@ fn relay(
     )
 }
 
-#[sqlx::test(migrations = false)]
-async fn two_relays_keep_per_key_order_and_lose_nothing(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn two_relays_keep_per_key_order_and_lose_nothing() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     let repo = PgRepository::from_pool(pool);
     repo.migrate().await.unwrap();
     let repo: Arc<dyn Repository> = Arc::new(repo);
-    let cluster = Cluster::start();
+    let cluster = Cluster::start().await;
     let kafka = kafka_settings(&cluster);
-    cluster.create_topics(&kafka.topic_prefix, 4);
+    cluster.create_topics(&kafka.topic_prefix, 4).await;
     let observer = Observer::published(&kafka);
     let keys = fill(&repo, 20, 12, |b, n| json!({"batch": b, "n": n})).await;
     let small = RelaySettings {
@@ -121,14 +123,16 @@ async fn two_relays_keep_per_key_order_and_lose_nothing(pool: sqlx::PgPool) {
     observer.stop().await;
 }
 
-#[sqlx::test(migrations = false)]
-async fn a_failing_row_backs_off_without_blocking_other_keys(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn a_failing_row_backs_off_without_blocking_other_keys() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     let repo = PgRepository::from_pool(pool);
     repo.migrate().await.unwrap();
     let repo: Arc<dyn Repository> = Arc::new(repo);
-    let cluster = Cluster::start();
+    let cluster = Cluster::start().await;
     let mut kafka = kafka_settings(&cluster);
-    cluster.create_topics(&kafka.topic_prefix, 2);
+    cluster.create_topics(&kafka.topic_prefix, 2).await;
     kafka
         .librdkafka
         .push(("message.max.bytes".into(), "2000".into()));

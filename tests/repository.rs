@@ -559,9 +559,10 @@ macro_rules! contract_suite {
         mod postgres {
             use super::*;
             $(
-                #[sqlx::test(migrations = false)]
-                async fn $scenario(pool: sqlx::PgPool) {
-                    let repo = PgRepository::from_pool(pool);
+                #[tokio::test]
+                async fn $scenario() {
+                    let database = common::infra::Database::fresh().await;
+                    let repo = PgRepository::from_pool(database.pool.clone());
                     repo.migrate().await.expect("migrations apply");
                     scenarios::$scenario(Arc::new(repo)).await;
                 }

@@ -103,9 +103,9 @@ fn assert_all_valid(observer: &Observer) {
 }
 
 async fn setup(pool: sqlx::PgPool) -> (Cluster, TestWorker, Upstream, Observer) {
-    let cluster = Cluster::start();
+    let cluster = Cluster::start().await;
     let kafka = kafka_settings(&cluster);
-    cluster.create_topics(&kafka.topic_prefix, 3);
+    cluster.create_topics(&kafka.topic_prefix, 3).await;
     let repo = pg(pool).await;
     let observer = Observer::published(&kafka);
     let worker = start_worker(&kafka, repo, Rules::default());
@@ -124,8 +124,10 @@ async fn finish(cluster: Cluster, worker: TestWorker, up: Upstream, observers: V
     drop(cluster);
 }
 
-#[sqlx::test(migrations = false)]
-async fn guest_flow_with_partial_spellcheck(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn guest_flow_with_partial_spellcheck() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     let (cluster, worker, up, observer) = setup(pool).await;
     let (batch_id, corr) = register(&worker.repo, None, 4).await;
     let registered = observer.wait_for(topics::BATCH_ESSAYS_REGISTERED, 1).await;
@@ -219,8 +221,10 @@ async fn guest_flow_with_partial_spellcheck(pool: sqlx::PgPool) {
     finish(cluster, worker, up, vec![observer]).await;
 }
 
-#[sqlx::test(migrations = false)]
-async fn every_event_twice_gives_the_same_outputs(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn every_event_twice_gives_the_same_outputs() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     let (cluster, worker, up, observer) = setup(pool).await;
     let (batch_id, corr) = register(&worker.repo, None, 2).await;
     let twice = |topic: &'static str, data: Value, corr: Uuid| {
@@ -293,8 +297,10 @@ async fn every_event_twice_gives_the_same_outputs(pool: sqlx::PgPool) {
     finish(cluster, worker, up, vec![observer]).await;
 }
 
-#[sqlx::test(migrations = false)]
-async fn poison_messages_go_to_the_dead_letter_topic(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn poison_messages_go_to_the_dead_letter_topic() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     let (cluster, worker, up, observer) = setup(pool).await;
     let dlq_topic = worker
         .kafka
@@ -461,18 +467,24 @@ async fn regular_flow(essays_ready_first: bool, pool: sqlx::PgPool) {
     finish(cluster, worker, up, vec![observer]).await;
 }
 
-#[sqlx::test(migrations = false)]
-async fn regular_flow_confirmation_first(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn regular_flow_confirmation_first() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     regular_flow(false, pool).await;
 }
 
-#[sqlx::test(migrations = false)]
-async fn regular_flow_essays_ready_first(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn regular_flow_essays_ready_first() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     regular_flow(true, pool).await;
 }
 
-#[sqlx::test(migrations = false)]
-async fn critical_phase_failure_ends_the_run(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn critical_phase_failure_ends_the_run() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     let (cluster, worker, up, observer) = setup(pool).await;
     let (batch_id, corr) = register(&worker.repo, None, 2).await;
     up.send(
@@ -527,8 +539,10 @@ async fn critical_phase_failure_ends_the_run(pool: sqlx::PgPool) {
     finish(cluster, worker, up, vec![observer]).await;
 }
 
-#[sqlx::test(migrations = false)]
-async fn critical_validation_errors_deny_the_parked_request(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn critical_validation_errors_deny_the_parked_request() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     let (cluster, worker, up, observer) = setup(pool).await;
     let (batch_id, corr) = register(&worker.repo, None, 2).await;
     up.send(
@@ -556,8 +570,10 @@ async fn critical_validation_errors_deny_the_parked_request(pool: sqlx::PgPool) 
     finish(cluster, worker, up, vec![observer]).await;
 }
 
-#[sqlx::test(migrations = false)]
-async fn sequential_pipelines_and_stale_outcomes(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn sequential_pipelines_and_stale_outcomes() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     let (cluster, worker, up, observer) = setup(pool).await;
     let (batch_id, corr) = register(&worker.repo, None, 3).await;
     up.send(
@@ -643,8 +659,10 @@ fn fixture(name: &str) -> Vec<u8> {
     .unwrap()
 }
 
-#[sqlx::test(migrations = false)]
-async fn the_platform_samples_are_accepted(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn the_platform_samples_are_accepted() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     let (cluster, worker, up, observer) = setup(pool).await;
     let dlq_topics: Vec<String> = topics::CONSUMED
         .iter()
@@ -760,8 +778,10 @@ async fn the_platform_samples_are_accepted(pool: sqlx::PgPool) {
     finish(cluster, worker, up, vec![observer, dlq]).await;
 }
 
-#[sqlx::test(migrations = false)]
-async fn dead_letters_replay_into_their_topic(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn dead_letters_replay_into_their_topic() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     let (cluster, worker, up, observer) = setup(pool).await;
     let dlq_name = format!("{}{}", topics::CLIENT_PIPELINE_REQUEST, topics::DLQ_SUFFIX);
     let dlq = Observer::start(&worker.kafka, &[worker.kafka.topic(&dlq_name)]);
@@ -814,8 +834,10 @@ async fn dead_letters_replay_into_their_topic(pool: sqlx::PgPool) {
     finish(cluster, worker, up, vec![observer, dlq]).await;
 }
 
-#[sqlx::test(migrations = false)]
-async fn a_failed_transaction_is_retried_not_skipped(pool: sqlx::PgPool) {
+#[tokio::test]
+async fn a_failed_transaction_is_retried_not_skipped() {
+    let database = common::infra::Database::fresh().await;
+    let pool = database.pool.clone();
     let (cluster, worker, up, observer) = setup(pool).await;
     let (batch_id, corr) = register(&worker.repo, None, 1).await;
     up.send(

@@ -2,6 +2,8 @@
 //! `KAFKA_BOOTSTRAP_SERVERS`), driven and observed through Kafka only.
 #![allow(dead_code)]
 
+pub use super::infra::Cluster;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,8 +17,7 @@ use bos::store::Repository;
 use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
@@ -38,45 +39,6 @@ impl Seen {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
-    }
-}
-
-pub struct Cluster {
-    _mock: Option<MockCluster<'static, DefaultProducerContext>>,
-    pub bootstrap: String,
-}
-
-impl Cluster {
-    pub fn start() -> Self {
-        match std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
-            Ok(bootstrap) if !bootstrap.is_empty() => Self {
-                _mock: None,
-                bootstrap,
-            },
-            _ => {
-                let mock = MockCluster::new(1).expect("mock cluster");
-                let bootstrap = mock.bootstrap_servers();
-                Self {
-                    _mock: Some(mock),
-                    bootstrap,
-                }
-            }
-        }
-    }
-
-    pub fn create_topics(&self, prefix: &str, partitions: i32) {
-        if let Some(mock) = &self._mock {
-            for t in topics::CONSUMED {
-                mock.create_topic(&format!("{prefix}{t}"), partitions, 1)
-                    .unwrap();
-                mock.create_topic(&format!("{prefix}{t}{}", topics::DLQ_SUFFIX), 1, 1)
-                    .unwrap();
-            }
-            for t in topics::PUBLISHED {
-                mock.create_topic(&format!("{prefix}{t}"), partitions, 1)
-                    .unwrap();
-            }
-        }
     }
 }
 

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod infra;
 pub mod kafka;
 
 use bos::contracts::{CourseCode, EssayRef};
