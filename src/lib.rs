@@ -17,6 +17,7 @@
 //!   that share one contract test suite.
 
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod consumer;
 pub mod contracts;

@@ -28,6 +28,9 @@ enum Command {
     Migrate,
     /// Print the effective configuration (secrets masked) and exit.
     Config,
+    /// Measure apply throughput, latency, the relay, idle cost and the SQL ceiling
+    /// (PostgreSQL from DATABASE_URL; Kafka embedded unless KAFKA_BOOTSTRAP_SERVERS).
+    Bench(BenchArgs),
     /// Run the whole system in-process (embedded Kafka, in-memory store or
     /// DATABASE_URL) against simulated upstream services, then print a summary.
     Demo(DemoArgs),
@@ -36,6 +39,56 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Events of the throughput test.
+    #[arg(long, default_value_t = 20_000)]
+    events: usize,
+    /// Partitions per topic: the apply path's concurrency.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Records applied per transaction at most.
+    #[arg(long, default_value_t = 256)]
+    max_batch: usize,
+    #[arg(long, default_value_t = 10)]
+    pool_size: u32,
+    /// Events per second of the latency test.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Seconds of the latency test.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Pre-filled outbox rows of the relay test.
+    #[arg(long, default_value_t = 20_000)]
+    relay_rows: usize,
+    /// Seconds of the idle measurement.
+    #[arg(long, default_value_t = 10)]
+    idle: u64,
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let database_url = std::env::var("DATABASE_URL")
+        .map_err(|_| anyhow::anyhow!("bos bench needs DATABASE_URL"))?;
+    let options = bos::bench::BenchOptions {
+        database_url,
+        kafka_bootstrap: std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+            .ok()
+            .filter(|b| !b.is_empty()),
+        events: args.events,
+        partitions: args.partitions,
+        max_batch: args.max_batch,
+        pool_size: args.pool_size,
+        rate: args.rate,
+        duration: Duration::from_secs(args.duration),
+        relay_rows: args.relay_rows,
+        idle: Duration::from_secs(args.idle),
+    };
+    let report = bos::bench::run(options).await?;
+    println!("\n{}", report.table());
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -139,6 +192,15 @@ enum DlqCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Bench(args) = cli.command {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| "error".into());
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+        return bench(args).await;
+    }
     if let Command::Demo(args) = cli.command {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| "error".into());
@@ -162,7 +224,7 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = bos::telemetry::init(settings.log_json)?;
     let rules = settings.rules();
     match cli.command {
-        Command::Config | Command::Demo(_) => Ok(()),
+        Command::Config | Command::Demo(_) | Command::Bench(_) => Ok(()),
         Command::Run => {
             app::run(
                 settings,
