@@ -78,12 +78,16 @@ CREATE INDEX event_outbox_published_idx ON event_outbox (published_at) WHERE pub
 
 CREATE FUNCTION event_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('bos_outbox', '');
+    IF EXISTS (SELECT 1 FROM inserted) THEN
+        PERFORM pg_notify('bos_outbox', '');
+    END IF;
     RETURN NULL;
 END;
 $$;
 
+-- Wakes the relays once per statement that inserted rows.
 CREATE TRIGGER event_outbox_notify AFTER INSERT ON event_outbox
+    REFERENCING NEW TABLE AS inserted
     FOR EACH STATEMENT EXECUTE FUNCTION event_outbox_notify();
 
 -- The inbox: one row per consumed event whose effects are committed.

@@ -133,7 +133,20 @@ impl Handler {
             }
         }
         for _ in 0..=self.max_conflict_retries {
-            let mut cache: HashMap<String, Option<Batch>> = HashMap::new();
+            // Every batch this round needs, in one read.
+            let mut wanted: Vec<String> = decoded
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, outcome)| outcome.is_none())
+                .filter_map(|(entry, _)| entry.as_ref().map(|(m, _)| m.event.batch_id().to_owned()))
+                .collect();
+            wanted.sort();
+            wanted.dedup();
+            let mut cache: HashMap<String, Option<Batch>> =
+                wanted.iter().map(|id| (id.clone(), None)).collect();
+            for batch in self.repo.get_batches(&wanted).await? {
+                cache.insert(batch.id.clone(), Some(batch));
+            }
             let mut changes = Vec::new();
             let mut owners = Vec::new();
             for (i, entry) in decoded.iter().enumerate() {
@@ -144,14 +157,7 @@ impl Handler {
                     continue;
                 }
                 let id = message.event.batch_id();
-                let current = match cache.get(id) {
-                    Some(batch) => batch.clone(),
-                    None => {
-                        let batch = self.repo.get_batch_by_id(id).await?;
-                        cache.insert(id.to_owned(), batch.clone());
-                        batch
-                    }
-                };
+                let current = cache.get(id).cloned().flatten();
                 let record = &records[i];
                 let span = tracing::info_span!(
                     "event",

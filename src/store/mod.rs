@@ -182,6 +182,16 @@ pub trait Repository: Send + Sync + std::fmt::Debug {
         Ok(self.apply(vec![change]).await?[0])
     }
     async fn get_batch_by_id(&self, id: &str) -> StoreResult<Option<Batch>>;
+    /// The batches among `ids` that exist, in any order.
+    async fn get_batches(&self, ids: &[String]) -> StoreResult<Vec<Batch>> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(batch) = self.get_batch_by_id(id).await? {
+                found.push(batch);
+            }
+        }
+        Ok(found)
+    }
     async fn update_batch_status(
         &self,
         id: &str,

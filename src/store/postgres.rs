@@ -145,7 +145,127 @@ impl PgRepository {
         row.map(|r| json(&r, "value", id)).transpose()
     }
 
-    /// One change inside the caller's transaction, under its own savepoint.
+    /// An update in one statement: the CAS on the batch row, and, only when it
+    /// wins, the inbox row, the outbox rows, the essays and the snapshot. A lost
+    /// CAS writes nothing, so no savepoint is needed.
+    async fn apply_update(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        change: Change,
+        fault: Option<Fault>,
+    ) -> StoreResult<ChangeOutcome> {
+        let b = &change.batch;
+        let failed_ids = b.failed_essay_ids();
+        let n = change.outbox.len();
+        let (mut ids, mut topics, mut correlations) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut payloads, mut traces, mut created) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for m in &change.outbox {
+            ids.push(m.event_id);
+            topics.push(m.topic);
+            correlations.push(m.correlation_id);
+            payloads.push(m.envelope.to_string());
+            traces.push(m.traceparent.as_deref());
+            created.push(m.occurred_at);
+        }
+        let essay_ids: Vec<&str> = b.essays.iter().map(|e| e.essay_id.as_str()).collect();
+        let texts: Vec<&str> = b
+            .essays
+            .iter()
+            .map(|e| e.text_storage_id.as_str())
+            .collect();
+        let corrected: Vec<Option<&str>> = b
+            .essays
+            .iter()
+            .map(|e| e.corrected_text_storage_id.as_deref())
+            .collect();
+        let version: Option<i64> = sqlx::query_scalar(
+            "WITH upd AS ( \
+               UPDATE batches SET correlation_id = $3, class_id = $4, status = $5, context = $6, \
+                 pipeline_state = $7, orchestration = $8, total_essays = $9, failed_essay_ids = $10, \
+                 parked_request = $11, error_details = $12, updated_at = $13, completed_at = $14, \
+                 version = version + 1 \
+               WHERE id = $1 AND version = $2 RETURNING version), \
+             inbox AS ( \
+               INSERT INTO processed_events (event_id, topic, batch_id) \
+               SELECT $15, $16, $1 FROM upd WHERE $15::uuid IS NOT NULL), \
+             outbox AS ( \
+               INSERT INTO event_outbox (id, topic, message_key, event_type, correlation_id, payload, traceparent, created_at) \
+               SELECT t.id, t.topic, $1, t.topic, t.corr, t.payload::jsonb, t.trace, t.created \
+               FROM UNNEST($17::uuid[], $18::text[], $19::uuid[], $20::text[], $21::text[], $22::timestamptz[]) \
+                 WITH ORDINALITY AS t(id, topic, corr, payload, trace, created, n) \
+               WHERE EXISTS (SELECT 1 FROM upd) ORDER BY t.n), \
+             gone AS ( \
+               DELETE FROM batch_essays WHERE $23 AND batch_id = $1 AND NOT (essay_id = ANY($24::text[])) \
+                 AND EXISTS (SELECT 1 FROM upd)), \
+             essays AS ( \
+               INSERT INTO batch_essays (batch_id, essay_id, text_storage_id, corrected_text_storage_id, position) \
+               SELECT $1, e.id, e.text_id, e.corrected, (e.n - 1)::int \
+               FROM UNNEST($24::text[], $25::text[], $26::text[]) WITH ORDINALITY AS e(id, text_id, corrected, n) \
+               WHERE $23 AND EXISTS (SELECT 1 FROM upd) \
+               ON CONFLICT (batch_id, essay_id) DO UPDATE SET text_storage_id = EXCLUDED.text_storage_id, \
+                 corrected_text_storage_id = EXCLUDED.corrected_text_storage_id, position = EXCLUDED.position), \
+             snapshot AS ( \
+               INSERT INTO configuration_snapshots (batch_id, correlation_id, configuration) \
+               SELECT $1, $27, $28 FROM upd WHERE $28::jsonb IS NOT NULL) \
+             SELECT version FROM upd",
+        )
+        .bind(&b.id)
+        .bind(change.expected_version)
+        .bind(b.correlation_id)
+        .bind(&b.context.class_id)
+        .bind(b.status.as_str())
+        .bind(Json(&b.context))
+        .bind(Json(&b.pipeline))
+        .bind(Json(&b.orchestration))
+        .bind(b.essays.len() as i32)
+        .bind(Json(&failed_ids))
+        .bind(Json(&b.parked))
+        .bind(Json(&b.validation_errors))
+        .bind(b.updated_at)
+        .bind(b.completed_at)
+        .bind(change.inbox.as_ref().map(|r| r.event_id))
+        .bind(change.inbox.as_ref().map(|r| r.topic.as_str()))
+        .bind(&ids)
+        .bind(&topics)
+        .bind(&correlations)
+        .bind(&payloads)
+        .bind(&traces)
+        .bind(&created)
+        .bind(change.essays_changed)
+        .bind(&essay_ids)
+        .bind(&texts)
+        .bind(&corrected)
+        .bind(b.orchestration.current_run.as_ref().map(|r| r.correlation_id))
+        .bind(change.snapshot.as_ref())
+        .fetch_optional(&mut **tx)
+        .await?;
+        if fault == Some(Fault::AfterOutboxInsert) {
+            return Err(StoreError::Injected(Fault::AfterOutboxInsert));
+        }
+        let Some(version) = version else {
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM batches WHERE id = $1)")
+                    .bind(&b.id)
+                    .fetch_one(&mut **tx)
+                    .await?;
+            return Ok(if exists {
+                ChangeOutcome::Conflict
+            } else {
+                ChangeOutcome::NotFound
+            });
+        };
+        Ok(ChangeOutcome::Applied { version })
+    }
+
+    /// A new batch inside the caller's transaction, under its own savepoint.
     async fn apply_one(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -388,6 +508,12 @@ impl Repository for PgRepository {
         Ok(domains)
     }
 
+    async fn get_batches(&self, ids: &[String]) -> StoreResult<Vec<Batch>> {
+        let sql = format!("SELECT {BATCH_COLUMNS} FROM batches b WHERE b.id = ANY($1)");
+        let rows = sqlx::query(&sql).bind(ids).fetch_all(&self.pool).await?;
+        rows.iter().map(batch_from_row).collect()
+    }
+
     async fn get_batch_by_id(&self, id: &str) -> StoreResult<Option<Batch>> {
         let sql = format!("SELECT {BATCH_COLUMNS} FROM batches b WHERE b.id = $1");
         let row = sqlx::query(&sql)
@@ -553,20 +679,46 @@ impl Repository for PgRepository {
     async fn apply(&self, changes: Vec<Change>) -> StoreResult<Vec<ChangeOutcome>> {
         let fault = self.take_fault();
         let mut tx = self.pool.begin().await?;
+        // Events applied before: one look-up for the whole list. An event that
+        // another worker records concurrently trips the inbox's primary key
+        // instead, failing the transaction, and the retry then sees it here.
+        let events: Vec<Uuid> = changes
+            .iter()
+            .filter_map(|c| c.inbox.as_ref().map(|r| r.event_id))
+            .collect();
+        let mut seen: std::collections::HashSet<Uuid> = if events.is_empty() {
+            Default::default()
+        } else {
+            sqlx::query_scalar::<_, Uuid>(
+                "SELECT event_id FROM processed_events WHERE event_id = ANY($1)",
+            )
+            .bind(&events)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect()
+        };
         let mut outcomes = Vec::with_capacity(changes.len());
         let mut failed = std::collections::HashSet::new();
         for change in changes {
+            let id = change.batch.id.clone();
+            let event = change.inbox.as_ref().map(|r| r.event_id);
             // A later change to a batch was decided on top of the earlier one.
-            let outcome = if failed.contains(&change.batch.id) {
+            let outcome = if failed.contains(&id) {
                 ChangeOutcome::Conflict
+            } else if event.is_some_and(|e| seen.contains(&e)) {
+                ChangeOutcome::Duplicate
+            } else if change.expected_version.is_none() {
+                self.apply_one(&mut tx, change, fault).await?
             } else {
-                let id = change.batch.id.clone();
-                let outcome = self.apply_one(&mut tx, change, fault).await?;
-                if !matches!(outcome, ChangeOutcome::Applied { .. }) {
+                self.apply_update(&mut tx, change, fault).await?
+            };
+            match outcome {
+                ChangeOutcome::Applied { .. } => seen.extend(event),
+                _ => {
                     failed.insert(id);
                 }
-                outcome
-            };
+            }
             outcomes.push(outcome);
         }
         tx.commit().await?;
