@@ -436,6 +436,18 @@ async fn run_in(options: &BenchOptions, url: &str) -> anyhow::Result<BenchReport
     let outcome_topic = kafka.topic(topics::PHASE_OUTCOME);
     let producer: FutureProducer = kafka.client_config().set("linger.ms", "2").create()?;
 
+    let worker = start(&repo, &pool, &kafka, options, true).await?;
+    // Let the consumer join its group before any clock starts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // 4. Idle cost: the worker running with nothing to do, before anything was written.
+    eprintln!("idle cost over {:?} …", options.idle);
+    let before = transactions(&pool).await?;
+    tokio::time::sleep(options.idle).await;
+    let after = transactions(&pool).await?;
+    // The first read counts itself once.
+    let idle_tps = ((after - before - 1).max(0)) as f64 / options.idle.as_secs_f64();
+
     eprintln!(
         "preloading {} + {} batches …",
         options.events,
@@ -450,9 +462,6 @@ async fn run_in(options: &BenchOptions, url: &str) -> anyhow::Result<BenchReport
     .await?;
 
     // 1. Apply throughput.
-    let worker = start(&repo, &pool, &kafka, options, true).await?;
-    // Let the consumer join its group before the clock starts.
-    tokio::time::sleep(Duration::from_secs(3)).await;
     eprintln!("apply throughput: {} events …", options.events);
     let started = Instant::now();
     produce_all(&producer, &outcome_topic, &throughput_set).await?;
@@ -511,14 +520,6 @@ async fn run_in(options: &BenchOptions, url: &str) -> anyhow::Result<BenchReport
         .collect();
     latencies.sort_by(f64::total_cmp);
 
-    // 4. Idle cost, with the worker running and nothing to do.
-    eprintln!("idle cost over {:?} …", options.idle);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = transactions(&pool).await?;
-    tokio::time::sleep(options.idle).await;
-    let after = transactions(&pool).await?;
-    // The two reads themselves are transactions too.
-    let idle_tps = ((after - before - 1).max(0)) as f64 / options.idle.as_secs_f64();
     worker.stop().await;
 
     // 3. Relay alone.
