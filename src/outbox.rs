@@ -201,6 +201,7 @@ impl Relay {
     /// Runs until `shutdown` turns true. `wake` is notified when rows are inserted.
     pub async fn run(self, mut wake: Box<dyn Wake>, mut shutdown: watch::Receiver<bool>) {
         let mut last_purge = std::time::Instant::now();
+        let mut last_stats: Option<std::time::Instant> = None;
         let mut errors = 0u32;
         while !*shutdown.borrow() {
             match self.publish_once().await {
@@ -214,14 +215,18 @@ impl Relay {
                     tracing::warn!(error = %e, "outbox pass failed");
                 }
             }
-            match self.repo.outbox_stats().await {
-                Ok(stats) => {
-                    self.metrics.outbox_backlog.set(stats.unpublished);
-                    self.metrics
-                        .outbox_oldest_age_seconds
-                        .set(stats.oldest_unpublished_age_seconds);
+            // Backlog figures at most every 15 s: an idle relay asks almost nothing.
+            if last_stats.is_none_or(|t| t.elapsed() > Duration::from_secs(15)) {
+                last_stats = Some(std::time::Instant::now());
+                match self.repo.outbox_stats().await {
+                    Ok(stats) => {
+                        self.metrics.outbox_backlog.set(stats.unpublished);
+                        self.metrics
+                            .outbox_oldest_age_seconds
+                            .set(stats.oldest_unpublished_age_seconds);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "outbox stats unavailable"),
                 }
-                Err(e) => tracing::debug!(error = %e, "outbox stats unavailable"),
             }
             if last_purge.elapsed() > Duration::from_secs(60) {
                 last_purge = std::time::Instant::now();

@@ -96,6 +96,8 @@ impl PgRepository {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
+            // No ping on every acquire: a broken connection fails its query and is replaced.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         Ok(Self::from_pool(pool))
