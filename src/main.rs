@@ -189,26 +189,29 @@ enum DlqCommand {
     },
 }
 
+/// Errors only (unless RUST_LOG says otherwise), on stderr: the tools print their own report.
+fn quiet_logs() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Command::Bench(args) = cli.command {
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| "error".into());
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init();
-        return bench(args).await;
-    }
-    if let Command::Demo(args) = cli.command {
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| "error".into());
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init();
-        return demo(args).await;
+    match cli.command {
+        Command::Bench(args) => {
+            quiet_logs();
+            return bench(args).await;
+        }
+        Command::Demo(args) => {
+            quiet_logs();
+            return demo(args).await;
+        }
+        _ => {}
     }
     let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
         Ok(settings) => settings,

@@ -523,7 +523,7 @@ impl Rules {
             batch.status = BatchStatus::FailedCritically;
             batch.completed_at = Some(env.now);
             if let Some(parked) = batch.parked.take() {
-                self.deny(batch, &parked, denial::BATCH_FAILED, 0, 0, None, out, env);
+                self.deny_outright(batch, &parked, denial::BATCH_FAILED, out, env);
             }
         }
         Ok(())
@@ -539,22 +539,13 @@ impl Rules {
     ) {
         let target = match PhaseName::parse(&request.request.requested_pipeline) {
             Some(PhaseName::StudentMatching) | None => {
-                self.deny(
-                    batch,
-                    &request,
-                    denial::UNSUPPORTED_PIPELINE,
-                    0,
-                    0,
-                    None,
-                    out,
-                    env,
-                );
+                self.deny_outright(batch, &request, denial::UNSUPPORTED_PIPELINE, out, env);
                 return;
             }
             Some(target) => target,
         };
         if batch.is_terminal() {
-            self.deny(batch, &request, denial::BATCH_FAILED, 0, 0, None, out, env);
+            self.deny_outright(batch, &request, denial::BATCH_FAILED, out, env);
             return;
         }
         if batch.status != BatchStatus::ReadyForPipelineExecution {
@@ -632,16 +623,7 @@ impl Rules {
             }
         }
         let Some(resolution) = self.resolve(batch, target, request.request.is_retry) else {
-            self.deny(
-                batch,
-                &request,
-                denial::UNSUPPORTED_PIPELINE,
-                0,
-                0,
-                None,
-                out,
-                env,
-            );
+            self.deny_outright(batch, &request, denial::UNSUPPORTED_PIPELINE, out, env);
             return;
         };
         let reason = match resolution.verdict {
@@ -1044,6 +1026,18 @@ impl Rules {
                 .push(format!("parked request {} starts", parked.event_id));
             self.pipeline_request(batch, parked, out, env);
         }
+    }
+
+    /// A denial that involves no credits.
+    fn deny_outright(
+        &self,
+        batch: &Batch,
+        request: &ParkedRequest,
+        reason: &'static str,
+        out: &mut Out<'_>,
+        env: &mut Env<'_>,
+    ) {
+        self.deny(batch, request, reason, 0, 0, None, out, env);
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -158,25 +158,7 @@ impl PgRepository {
     ) -> StoreResult<ChangeOutcome> {
         let b = &change.batch;
         let failed_ids = b.failed_essay_ids();
-        let n = change.outbox.len();
-        let (mut ids, mut topics, mut correlations) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut payloads, mut traces, mut created) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for m in &change.outbox {
-            ids.push(m.event_id);
-            topics.push(m.topic);
-            correlations.push(m.correlation_id);
-            payloads.push(m.envelope.to_string());
-            traces.push(m.traceparent.as_deref());
-            created.push(m.occurred_at);
-        }
+        let columns = OutboxColumns::of(&change.outbox);
         let essay_ids: Vec<&str> = b.essays.iter().map(|e| e.essay_id.as_str()).collect();
         let texts: Vec<&str> = b
             .essays
@@ -235,12 +217,12 @@ impl PgRepository {
         .bind(b.completed_at)
         .bind(change.inbox.as_ref().map(|r| r.event_id))
         .bind(change.inbox.as_ref().map(|r| r.topic.as_str()))
-        .bind(&ids)
-        .bind(&topics)
-        .bind(&correlations)
-        .bind(&payloads)
-        .bind(&traces)
-        .bind(&created)
+        .bind(&columns.ids)
+        .bind(&columns.topics)
+        .bind(&columns.correlations)
+        .bind(&columns.payloads)
+        .bind(&columns.traces)
+        .bind(&columns.created)
         .bind(change.essays_changed)
         .bind(&essay_ids)
         .bind(&texts)
@@ -357,42 +339,22 @@ impl PgRepository {
             write_essays(&mut sp, &b.id, &b.essays).await?;
         }
         if !change.outbox.is_empty() {
-            let n = change.outbox.len();
-            let (mut ids, mut topics, mut keys, mut correlations) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            let (mut payloads, mut traces, mut created) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            for m in &change.outbox {
-                ids.push(m.event_id);
-                topics.push(m.topic);
-                keys.push(m.key.as_str());
-                correlations.push(m.correlation_id);
-                payloads.push(m.envelope.to_string());
-                traces.push(m.traceparent.as_deref());
-                created.push(m.occurred_at);
-            }
+            let columns = OutboxColumns::of(&change.outbox);
             sqlx::query(
                 "INSERT INTO event_outbox (id, topic, message_key, event_type, correlation_id, payload, \
                    traceparent, created_at) \
-                 SELECT id, topic, key, topic, corr, payload::jsonb, trace, created \
-                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], \
-                   $7::timestamptz[]) WITH ORDINALITY AS t(id, topic, key, corr, payload, trace, created, n) \
+                 SELECT id, topic, $1, topic, corr, payload::jsonb, trace, created \
+                 FROM UNNEST($2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::text[], \
+                   $7::timestamptz[]) WITH ORDINALITY AS t(id, topic, corr, payload, trace, created, n) \
                  ORDER BY n",
             )
-            .bind(&ids)
-            .bind(&topics)
-            .bind(&keys)
-            .bind(&correlations)
-            .bind(&payloads)
-            .bind(&traces)
-            .bind(&created)
+            .bind(&b.id)
+            .bind(&columns.ids)
+            .bind(&columns.topics)
+            .bind(&columns.correlations)
+            .bind(&columns.payloads)
+            .bind(&columns.traces)
+            .bind(&columns.created)
             .execute(&mut *sp)
             .await?;
         }
@@ -417,6 +379,29 @@ impl PgRepository {
         }
         sp.commit().await?;
         Ok(ChangeOutcome::Applied { version })
+    }
+}
+
+/// Outbox messages as column arrays for one `UNNEST` insert (all share the batch's key).
+struct OutboxColumns<'a> {
+    ids: Vec<Uuid>,
+    topics: Vec<&'static str>,
+    correlations: Vec<Uuid>,
+    payloads: Vec<String>,
+    traces: Vec<Option<&'a str>>,
+    created: Vec<Timestamp>,
+}
+
+impl<'a> OutboxColumns<'a> {
+    fn of(messages: &'a [crate::domain::OutboundMessage]) -> Self {
+        Self {
+            ids: messages.iter().map(|m| m.event_id).collect(),
+            topics: messages.iter().map(|m| m.topic).collect(),
+            correlations: messages.iter().map(|m| m.correlation_id).collect(),
+            payloads: messages.iter().map(|m| m.envelope.to_string()).collect(),
+            traces: messages.iter().map(|m| m.traceparent.as_deref()).collect(),
+            created: messages.iter().map(|m| m.occurred_at).collect(),
+        }
     }
 }
 
