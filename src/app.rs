@@ -104,8 +104,29 @@ pub async fn run(
             }
         }));
     }
-    for task in tasks {
-        task.await.context("a worker task panicked")?;
+    // Once shutdown is asked for, in-flight work gets a bounded time to finish.
+    let mut asked = shutdown.clone();
+    let all = futures::future::join_all(tasks);
+    tokio::pin!(all);
+    tokio::select! {
+        results = &mut all => return finished(results),
+        _ = asked.wait_for(|s| *s) => {}
+    }
+    match tokio::time::timeout(SHUTDOWN_DEADLINE, all).await {
+        Ok(results) => finished(results),
+        Err(_) => {
+            tracing::warn!(?SHUTDOWN_DEADLINE, "in-flight work did not finish in time; exiting (unfinished records are redelivered)");
+            Ok(())
+        }
+    }
+}
+
+/// How long `bos run` waits for in-flight work after SIGTERM/SIGINT.
+pub const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn finished(results: Vec<Result<(), tokio::task::JoinError>>) -> anyhow::Result<()> {
+    for result in results {
+        result.context("a worker task panicked")?;
     }
     Ok(())
 }

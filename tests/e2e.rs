@@ -246,8 +246,17 @@ async fn two_workers_one_killed_every_batch_completes() {
     .unwrap();
     assert_eq!(dead, 0, "every batch is ready again");
 
-    let _ = survivor.start_kill();
-    let _ = survivor.wait().await;
+    // SIGTERM: the survivor stops fetching, finishes, commits and exits cleanly.
+    let pid = survivor.id().expect("still running").to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(45), survivor.wait())
+        .await
+        .expect("bos exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "graceful shutdown exits 0: {status}");
     observer.stop().await;
     drop(up);
     drop(cluster);
