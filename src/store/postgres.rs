@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::types::Json;
-use sqlx::{Acquire, PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
@@ -147,10 +147,11 @@ impl PgRepository {
         row.map(|r| json(&r, "value", id)).transpose()
     }
 
-    /// An update in one statement: the CAS on the batch row, and, only when it
-    /// wins, the inbox row, the outbox rows, the essays and the snapshot. A lost
-    /// CAS writes nothing, so no savepoint is needed.
-    async fn apply_update(
+    /// One change in one statement: the batch row first (a version-checked
+    /// update, or an insert for a new batch), then, only when that wrote, the
+    /// inbox row, the outbox rows, the essays and the snapshot. A lost race
+    /// writes nothing, so no savepoint is needed.
+    async fn apply_change(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         change: Change,
@@ -170,13 +171,25 @@ impl PgRepository {
             .iter()
             .map(|e| e.corrected_text_storage_id.as_deref())
             .collect();
-        let version: Option<i64> = sqlx::query_scalar(
-            "WITH upd AS ( \
-               UPDATE batches SET correlation_id = $3, class_id = $4, status = $5, context = $6, \
-                 pipeline_state = $7, orchestration = $8, total_essays = $9, failed_essay_ids = $10, \
-                 parked_request = $11, error_details = $12, updated_at = $13, completed_at = $14, \
-                 version = version + 1 \
-               WHERE id = $1 AND version = $2 RETURNING version), \
+        let head = match change.expected_version {
+            Some(_) => {
+                "UPDATE batches SET correlation_id = $3, class_id = $4, status = $5, context = $6, \
+                   pipeline_state = $7, orchestration = $8, total_essays = $9, failed_essay_ids = $10, \
+                   parked_request = $11, error_details = $12, updated_at = $13, completed_at = $14, \
+                   version = version + 1 \
+                 WHERE id = $1 AND version = $2 RETURNING version"
+            }
+            None => {
+                "INSERT INTO batches (id, correlation_id, class_id, status, context, pipeline_state, \
+                   orchestration, total_essays, failed_essay_ids, parked_request, error_details, \
+                   version, created_at, updated_at, completed_at) \
+                 SELECT $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, $29, $13, $14 \
+                 WHERE $2::bigint IS NULL \
+                 ON CONFLICT (id) DO NOTHING RETURNING version"
+            }
+        };
+        let sql = format!(
+            "WITH upd AS ({head}), \
              inbox AS ( \
                INSERT INTO processed_events (event_id, topic, batch_id) \
                SELECT $15, $16, $1 FROM upd WHERE $15::uuid IS NOT NULL), \
@@ -199,42 +212,52 @@ impl PgRepository {
              snapshot AS ( \
                INSERT INTO configuration_snapshots (batch_id, correlation_id, configuration) \
                SELECT $1, $27, $28 FROM upd WHERE $28::jsonb IS NOT NULL) \
-             SELECT version FROM upd",
-        )
-        .bind(&b.id)
-        .bind(change.expected_version)
-        .bind(b.correlation_id)
-        .bind(&b.context.class_id)
-        .bind(b.status.as_str())
-        .bind(Json(&b.context))
-        .bind(Json(&b.pipeline))
-        .bind(Json(&b.orchestration))
-        .bind(b.essays.len() as i32)
-        .bind(Json(&failed_ids))
-        .bind(Json(&b.parked))
-        .bind(Json(&b.validation_errors))
-        .bind(b.updated_at)
-        .bind(b.completed_at)
-        .bind(change.inbox.as_ref().map(|r| r.event_id))
-        .bind(change.inbox.as_ref().map(|r| r.topic.as_str()))
-        .bind(&columns.ids)
-        .bind(&columns.topics)
-        .bind(&columns.correlations)
-        .bind(&columns.payloads)
-        .bind(&columns.traces)
-        .bind(&columns.created)
-        .bind(change.essays_changed)
-        .bind(&essay_ids)
-        .bind(&texts)
-        .bind(&corrected)
-        .bind(b.orchestration.current_run.as_ref().map(|r| r.correlation_id))
-        .bind(change.snapshot.as_ref())
-        .fetch_optional(&mut **tx)
-        .await?;
+             SELECT version FROM upd"
+        );
+        let version: Option<i64> = sqlx::query_scalar(&sql)
+            .bind(&b.id)
+            .bind(change.expected_version)
+            .bind(b.correlation_id)
+            .bind(&b.context.class_id)
+            .bind(b.status.as_str())
+            .bind(Json(&b.context))
+            .bind(Json(&b.pipeline))
+            .bind(Json(&b.orchestration))
+            .bind(b.essays.len() as i32)
+            .bind(Json(&failed_ids))
+            .bind(Json(&b.parked))
+            .bind(Json(&b.validation_errors))
+            .bind(b.updated_at)
+            .bind(b.completed_at)
+            .bind(change.inbox.as_ref().map(|r| r.event_id))
+            .bind(change.inbox.as_ref().map(|r| r.topic.as_str()))
+            .bind(&columns.ids)
+            .bind(&columns.topics)
+            .bind(&columns.correlations)
+            .bind(&columns.payloads)
+            .bind(&columns.traces)
+            .bind(&columns.created)
+            .bind(change.essays_changed)
+            .bind(&essay_ids)
+            .bind(&texts)
+            .bind(&corrected)
+            .bind(
+                b.orchestration
+                    .current_run
+                    .as_ref()
+                    .map(|r| r.correlation_id),
+            )
+            .bind(change.snapshot.as_ref())
+            .bind(b.created_at)
+            .fetch_optional(&mut **tx)
+            .await?;
         if fault == Some(Fault::AfterOutboxInsert) {
             return Err(StoreError::Injected(Fault::AfterOutboxInsert));
         }
         let Some(version) = version else {
+            if change.expected_version.is_none() {
+                return Ok(ChangeOutcome::Conflict);
+            }
             let exists: bool =
                 sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM batches WHERE id = $1)")
                     .bind(&b.id)
@@ -246,138 +269,6 @@ impl PgRepository {
                 ChangeOutcome::NotFound
             });
         };
-        Ok(ChangeOutcome::Applied { version })
-    }
-
-    /// A new batch inside the caller's transaction, under its own savepoint.
-    async fn apply_one(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        change: Change,
-        fault: Option<Fault>,
-    ) -> StoreResult<ChangeOutcome> {
-        let mut sp = tx.begin().await?;
-        if let Some(record) = &change.inbox {
-            let inserted = sqlx::query(
-                "INSERT INTO processed_events (event_id, topic, batch_id) VALUES ($1, $2, $3) \
-                 ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(record.event_id)
-            .bind(&record.topic)
-            .bind(&change.batch.id)
-            .execute(&mut *sp)
-            .await?;
-            if inserted.rows_affected() == 0 {
-                sp.rollback().await?;
-                return Ok(ChangeOutcome::Duplicate);
-            }
-        }
-        let b = &change.batch;
-        let failed_ids = b.failed_essay_ids();
-        let version: Option<i64> = match change.expected_version {
-            None => sqlx::query_scalar(
-                "INSERT INTO batches (id, correlation_id, class_id, status, context, pipeline_state, \
-                   orchestration, total_essays, failed_essay_ids, parked_request, error_details, \
-                   version, created_at, updated_at, completed_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1, $12, $13, $14) \
-                 ON CONFLICT (id) DO NOTHING RETURNING version",
-            )
-            .bind(&b.id)
-            .bind(b.correlation_id)
-            .bind(&b.context.class_id)
-            .bind(b.status.as_str())
-            .bind(Json(&b.context))
-            .bind(Json(&b.pipeline))
-            .bind(Json(&b.orchestration))
-            .bind(b.essays.len() as i32)
-            .bind(Json(&failed_ids))
-            .bind(Json(&b.parked))
-            .bind(Json(&b.validation_errors))
-            .bind(b.created_at)
-            .bind(b.updated_at)
-            .bind(b.completed_at)
-            .fetch_optional(&mut *sp)
-            .await?,
-            Some(expected) => sqlx::query_scalar(
-                "UPDATE batches SET correlation_id = $3, class_id = $4, status = $5, context = $6, \
-                   pipeline_state = $7, orchestration = $8, total_essays = $9, failed_essay_ids = $10, \
-                   parked_request = $11, error_details = $12, updated_at = $13, completed_at = $14, \
-                   version = version + 1 \
-                 WHERE id = $1 AND version = $2 RETURNING version",
-            )
-            .bind(&b.id)
-            .bind(expected)
-            .bind(b.correlation_id)
-            .bind(&b.context.class_id)
-            .bind(b.status.as_str())
-            .bind(Json(&b.context))
-            .bind(Json(&b.pipeline))
-            .bind(Json(&b.orchestration))
-            .bind(b.essays.len() as i32)
-            .bind(Json(&failed_ids))
-            .bind(Json(&b.parked))
-            .bind(Json(&b.validation_errors))
-            .bind(b.updated_at)
-            .bind(b.completed_at)
-            .fetch_optional(&mut *sp)
-            .await?,
-        };
-        let Some(version) = version else {
-            let exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM batches WHERE id = $1)")
-                    .bind(&b.id)
-                    .fetch_one(&mut *sp)
-                    .await?;
-            sp.rollback().await?;
-            return Ok(if exists || change.expected_version.is_none() {
-                ChangeOutcome::Conflict
-            } else {
-                ChangeOutcome::NotFound
-            });
-        };
-        if change.essays_changed {
-            write_essays(&mut sp, &b.id, &b.essays).await?;
-        }
-        if !change.outbox.is_empty() {
-            let columns = OutboxColumns::of(&change.outbox);
-            sqlx::query(
-                "INSERT INTO event_outbox (id, topic, message_key, event_type, correlation_id, payload, \
-                   traceparent, created_at) \
-                 SELECT id, topic, $1, topic, corr, payload::jsonb, trace, created \
-                 FROM UNNEST($2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::text[], \
-                   $7::timestamptz[]) WITH ORDINALITY AS t(id, topic, corr, payload, trace, created, n) \
-                 ORDER BY n",
-            )
-            .bind(&b.id)
-            .bind(&columns.ids)
-            .bind(&columns.topics)
-            .bind(&columns.correlations)
-            .bind(&columns.payloads)
-            .bind(&columns.traces)
-            .bind(&columns.created)
-            .execute(&mut *sp)
-            .await?;
-        }
-        if fault == Some(Fault::AfterOutboxInsert) {
-            return Err(StoreError::Injected(Fault::AfterOutboxInsert));
-        }
-        if let Some(snapshot) = &change.snapshot {
-            sqlx::query(
-                "INSERT INTO configuration_snapshots (batch_id, correlation_id, configuration) \
-                 VALUES ($1, $2, $3)",
-            )
-            .bind(&b.id)
-            .bind(
-                b.orchestration
-                    .current_run
-                    .as_ref()
-                    .map(|r| r.correlation_id),
-            )
-            .bind(snapshot)
-            .execute(&mut *sp)
-            .await?;
-        }
-        sp.commit().await?;
         Ok(ChangeOutcome::Applied { version })
     }
 }
@@ -695,10 +586,8 @@ impl Repository for PgRepository {
                 ChangeOutcome::Conflict
             } else if event.is_some_and(|e| seen.contains(&e)) {
                 ChangeOutcome::Duplicate
-            } else if change.expected_version.is_none() {
-                self.apply_one(&mut tx, change, fault).await?
             } else {
-                self.apply_update(&mut tx, change, fault).await?
+                self.apply_change(&mut tx, change, fault).await?
             };
             match outcome {
                 ChangeOutcome::Applied { .. } => seen.extend(event),
