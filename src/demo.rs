@@ -606,44 +606,21 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
                         upstream::associations_confirmed(&batch_id, &class_id, course, &ids, now);
                     let ready =
                         upstream::essays_ready(&batch_id, course, "REGULAR", &plan.essays, now);
-                    let twice = rng.chance(options.duplicate_rate);
+                    // Either may arrive first; only the first is sent twice.
+                    let mut order = [
+                        (topics::BATCH_ESSAYS_READY, serde_json::to_value(ready)?),
+                        (
+                            topics::STUDENT_ASSOCIATIONS_CONFIRMED,
+                            serde_json::to_value(confirm)?,
+                        ),
+                    ];
                     if rng.chance(0.5) {
+                        order.reverse();
+                    }
+                    let twice = rng.chance(options.duplicate_rate);
+                    for (i, (topic, data)) in order.into_iter().enumerate() {
                         fleet
-                            .send(
-                                topics::BATCH_ESSAYS_READY,
-                                &batch_id,
-                                Uuid::new_v4(),
-                                ready,
-                                twice,
-                            )
-                            .await?;
-                        fleet
-                            .send(
-                                topics::STUDENT_ASSOCIATIONS_CONFIRMED,
-                                &batch_id,
-                                Uuid::new_v4(),
-                                confirm,
-                                false,
-                            )
-                            .await?;
-                    } else {
-                        fleet
-                            .send(
-                                topics::STUDENT_ASSOCIATIONS_CONFIRMED,
-                                &batch_id,
-                                Uuid::new_v4(),
-                                confirm,
-                                twice,
-                            )
-                            .await?;
-                        fleet
-                            .send(
-                                topics::BATCH_ESSAYS_READY,
-                                &batch_id,
-                                Uuid::new_v4(),
-                                ready,
-                                false,
-                            )
+                            .send(topic, &batch_id, Uuid::new_v4(), data, twice && i == 0)
                             .await?;
                     }
                     last_event.insert(batch_id.clone(), Instant::now());

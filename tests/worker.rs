@@ -41,6 +41,30 @@ fn essays(n: usize) -> Vec<EssayRef> {
         .collect()
 }
 
+/// The essay lifecycle service reports `n` essays provisioned for a GUEST batch.
+async fn provision(up: &Upstream, batch_id: &str, corr: Uuid, n: usize) {
+    let content = upstream::content_provisioned(batch_id, CourseCode::Eng5, "t", &essays(n));
+    up.send(
+        topics::CONTENT_PROVISIONING_COMPLETED,
+        batch_id,
+        corr,
+        content,
+    )
+    .await;
+}
+
+/// The API gateway asks for `target` under a fresh correlation id.
+async fn request(up: &Upstream, batch_id: &str, target: &str) {
+    let request = upstream::pipeline_request(batch_id, target, "t");
+    up.send(
+        topics::CLIENT_PIPELINE_REQUEST,
+        batch_id,
+        Uuid::new_v4(),
+        request,
+    )
+    .await;
+}
+
 fn command_essays(seen: &Seen) -> Vec<(String, String)> {
     seen.value["data"]["essays_to_process"]
         .as_array()
@@ -324,13 +348,7 @@ async fn poison_messages_go_to_the_dead_letter_topic() {
     up.send(topics::PHASE_OUTCOME, "no-such-batch", corr, unknown)
         .await;
     // The partition keeps flowing: a good event behind the poison is applied.
-    up.send(
-        topics::CONTENT_PROVISIONING_COMPLETED,
-        &batch_id,
-        corr,
-        upstream::content_provisioned(&batch_id, CourseCode::Eng5, "t", &essays(1)),
-    )
-    .await;
+    provision(&up, &batch_id, corr, 1).await;
     up.send(
         topics::CLIENT_PIPELINE_REQUEST,
         &batch_id,
@@ -490,20 +508,8 @@ async fn critical_phase_failure_ends_the_run() {
     let pool = database.pool.clone();
     let (cluster, worker, up, observer) = setup(pool).await;
     let (batch_id, corr) = register(&worker.repo, None, 2).await;
-    up.send(
-        topics::CONTENT_PROVISIONING_COMPLETED,
-        &batch_id,
-        corr,
-        upstream::content_provisioned(&batch_id, CourseCode::Eng5, "t", &essays(2)),
-    )
-    .await;
-    up.send(
-        topics::CLIENT_PIPELINE_REQUEST,
-        &batch_id,
-        Uuid::new_v4(),
-        upstream::pipeline_request(&batch_id, "ai_feedback", "t"),
-    )
-    .await;
+    provision(&up, &batch_id, corr, 2).await;
+    request(&up, &batch_id, "ai_feedback").await;
     let spell = observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
     answer(
         &up,
@@ -548,13 +554,7 @@ async fn critical_validation_errors_deny_the_parked_request() {
     let pool = database.pool.clone();
     let (cluster, worker, up, observer) = setup(pool).await;
     let (batch_id, corr) = register(&worker.repo, None, 2).await;
-    up.send(
-        topics::CLIENT_PIPELINE_REQUEST,
-        &batch_id,
-        Uuid::new_v4(),
-        upstream::pipeline_request(&batch_id, "cj_assessment", "t"),
-    )
-    .await;
+    request(&up, &batch_id, "cj_assessment").await;
     let errors =
         upstream::validation_errors(&batch_id, &["essay-0".into()], true, chrono::Utc::now());
     up.send(topics::VALIDATION_ERRORS, &batch_id, corr, errors)
@@ -579,20 +579,8 @@ async fn sequential_pipelines_and_stale_outcomes() {
     let pool = database.pool.clone();
     let (cluster, worker, up, observer) = setup(pool).await;
     let (batch_id, corr) = register(&worker.repo, None, 3).await;
-    up.send(
-        topics::CONTENT_PROVISIONING_COMPLETED,
-        &batch_id,
-        corr,
-        upstream::content_provisioned(&batch_id, CourseCode::Eng5, "t", &essays(3)),
-    )
-    .await;
-    up.send(
-        topics::CLIENT_PIPELINE_REQUEST,
-        &batch_id,
-        Uuid::new_v4(),
-        upstream::pipeline_request(&batch_id, "nlp", "t"),
-    )
-    .await;
+    provision(&up, &batch_id, corr, 3).await;
+    request(&up, &batch_id, "nlp").await;
     let spell = observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
     answer(
         &up,
@@ -607,13 +595,7 @@ async fn sequential_pipelines_and_stale_outcomes() {
     observer.wait_for(topics::PIPELINE_COMPLETED, 1).await;
 
     // CJ reuses the finished spellcheck: only the survivors, corrected.
-    up.send(
-        topics::CLIENT_PIPELINE_REQUEST,
-        &batch_id,
-        Uuid::new_v4(),
-        upstream::pipeline_request(&batch_id, "cj_assessment", "t"),
-    )
-    .await;
+    request(&up, &batch_id, "cj_assessment").await;
     let cj = observer.wait_for(topics::CJ_ASSESSMENT_COMMAND, 1).await;
     assert_eq!(
         observer.on(topics::SPELLCHECK_COMMAND).len(),
@@ -843,13 +825,7 @@ async fn a_failed_transaction_is_retried_not_skipped() {
     let pool = database.pool.clone();
     let (cluster, worker, up, observer) = setup(pool).await;
     let (batch_id, corr) = register(&worker.repo, None, 1).await;
-    up.send(
-        topics::CONTENT_PROVISIONING_COMPLETED,
-        &batch_id,
-        corr,
-        upstream::content_provisioned(&batch_id, CourseCode::Eng5, "t", &essays(1)),
-    )
-    .await;
+    provision(&up, &batch_id, corr, 1).await;
     wait_for_batch(&worker.repo, &batch_id, |b| {
         b.status == bos::contracts::BatchStatus::ReadyForPipelineExecution
     })
@@ -858,13 +834,7 @@ async fn a_failed_transaction_is_retried_not_skipped() {
     worker
         .repo
         .inject_fault(bos::store::Fault::AfterOutboxInsert);
-    up.send(
-        topics::CLIENT_PIPELINE_REQUEST,
-        &batch_id,
-        Uuid::new_v4(),
-        upstream::pipeline_request(&batch_id, "spellcheck", "t"),
-    )
-    .await;
+    request(&up, &batch_id, "spellcheck").await;
     let spell = observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
     answer(&up, &batch_id, PhaseName::Spellcheck, &spell[0], &[]).await;
     observer.wait_for(topics::PIPELINE_COMPLETED, 1).await;
