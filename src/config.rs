@@ -1,33 +1,153 @@
-//! Settings, read from the environment (documented in the README).
+//! Settings: typed once, layered (built-in defaults, a file, the original
+//! service's variables, bos's own variables), validated at start-up with
+//! errors that name the key. `bos config` shows the result and where each
+//! value came from.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::fmt;
+use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use crate::contracts::PhaseName;
-use crate::domain::{AllowAll, CreditPolicy, FixedBalance, PhaseGraph, Rules};
-use crate::store::PostgresSettings;
+use crate::domain::PhaseGraph;
 
-/// Which repository backs the worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The documented defaults, built into the binary.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// A value that never appears in logs or `bos config` output.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// A URL with its password replaced: `postgres://bos:***@db:5432/bos`.
+    pub fn masked(&self) -> String {
+        mask_url(&self.0)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.masked())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.masked())
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StoreKind {
     Postgres,
     Memory,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CreditPolicyKind {
+    AllowAll,
+    FixedBalance,
+    Entitlements,
+}
+
+/// What a credit check does when the entitlements service cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnavailable {
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    pub kind: StoreKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: Secret,
+    pub max_connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+impl DatabaseSettings {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: Secret::new(url),
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Kafka settings shared by the consumer, the relay and the dead-letter producer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
     pub group_id: String,
     /// Prepended to every topic, consumed and published.
     pub topic_prefix: String,
-    /// Extra librdkafka properties (`BOS_LIBRDKAFKA_SECURITY_PROTOCOL` → `security.protocol`).
-    pub librdkafka: Vec<(String, String)>,
+    pub dlq_replication_factor: i32,
+    #[serde(with = "humantime_serde")]
+    pub topic_check_interval: Duration,
+    /// librdkafka properties (dotted names), applied after bos's defaults.
+    #[serde(default, serialize_with = "masked_properties")]
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+fn masked_properties<S: serde::Serializer>(
+    properties: &BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let secret = |key: &str| {
+        ["password", "secret", "token", "key"]
+            .iter()
+            .any(|w| key.contains(w))
+    };
+    let shown: BTreeMap<&str, &str> = properties
+        .iter()
+        .map(|(k, v)| (k.as_str(), if secret(k) { "***" } else { v.as_str() }))
+        .collect();
+    shown.serialize(s)
 }
 
 impl KafkaSettings {
@@ -36,7 +156,9 @@ impl KafkaSettings {
             bootstrap_servers: bootstrap_servers.into(),
             group_id: "batch-orchestrator-consumers".to_owned(),
             topic_prefix: String::new(),
-            librdkafka: Vec::new(),
+            dlq_replication_factor: -1,
+            topic_check_interval: Duration::from_secs(30),
+            librdkafka: BTreeMap::new(),
         }
     }
 
@@ -48,26 +170,23 @@ impl KafkaSettings {
     pub fn unprefixed<'a>(&self, topic: &'a str) -> &'a str {
         topic.strip_prefix(&self.topic_prefix).unwrap_or(topic)
     }
-
-    pub fn client_config(&self) -> rdkafka::ClientConfig {
-        let mut config = rdkafka::ClientConfig::new();
-        config.set("bootstrap.servers", &self.bootstrap_servers);
-        for (key, value) in &self.librdkafka {
-            config.set(key, value);
-        }
-        config
-    }
 }
 
 /// Tuning of the consume → decide → commit loop.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ConsumerSettings {
-    /// Events applied in one transaction at most.
     pub max_batch: usize,
-    /// Re-decisions after a version conflict before the batch is retried as transient.
     pub max_conflict_retries: usize,
+    #[serde(with = "humantime_serde")]
     pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    pub partition_buffer: usize,
 }
 
 impl Default for ConsumerSettings {
@@ -77,56 +196,120 @@ impl Default for ConsumerSettings {
             max_conflict_retries: 5,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
+            partition_buffer: 1024,
         }
     }
 }
 
-/// Tuning of the outbox relay.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Tuning of the outbox relay and the housekeeping beside it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RelaySettings {
     pub batch_size: i64,
-    /// Backstop poll when no notification arrives.
+    #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    #[serde(with = "humantime_serde")]
     pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
-    /// Published rows older than this are deleted.
-    pub retention: Duration,
-    pub purge_batch: i64,
-    /// How long a relay holds claimed rows before another relay may take them over.
+    #[serde(with = "humantime_serde")]
     pub lease: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    #[serde(with = "humantime_serde")]
+    pub inbox_retention: Duration,
+    pub purge_batch: i64,
+    #[serde(with = "humantime_serde")]
+    pub housekeeping_interval: Duration,
 }
 
 impl Default for RelaySettings {
     fn default() -> Self {
         Self {
-            batch_size: 500,
-            poll_interval: Duration::from_secs(5),
+            batch_size: 1000,
+            poll_interval: Duration::from_secs(60),
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(60),
-            retention: Duration::from_secs(24 * 3600),
-            purge_batch: 1000,
             lease: Duration::from_secs(30),
+            retention: Duration::from_secs(24 * 3600),
+            inbox_retention: Duration::from_secs(14 * 24 * 3600),
+            purge_batch: 1000,
+            housekeeping_interval: Duration::from_secs(60),
         }
     }
 }
 
-/// How credits are checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CreditSettings {
-    AllowAll,
-    FixedBalance(i64),
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub addr: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    pub otlp_endpoint: String,
+}
+
+/// One phase of the pipeline graph.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseSettings {
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default)]
+    pub requires_prompt: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    pub phases: BTreeMap<String, PhaseSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntitlementsSettings {
+    pub base_url: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub failure_threshold: u32,
+    #[serde(with = "humantime_serde")]
+    pub recovery_timeout: Duration,
+    pub on_unavailable: OnUnavailable,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditSettings {
+    pub policy: CreditPolicyKind,
+    pub balance: i64,
+    pub entitlements: EntitlementsSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
-    pub store: StoreKind,
-    pub postgres: PostgresSettings,
+    pub environment: String,
+    pub service_name: String,
+    pub store: StoreSettings,
+    pub database: DatabaseSettings,
     pub kafka: KafkaSettings,
     pub consumer: ConsumerSettings,
     pub relay: RelaySettings,
-    pub http_addr: String,
-    pub log_json: bool,
-    pub graph: PhaseGraph,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+    pub telemetry: TelemetrySettings,
+    pub pipeline: PipelineSettings,
     pub credits: CreditSettings,
 }
 
@@ -145,96 +328,8 @@ fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
-/// The documented defaults, built into the binary.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Raw {
-    store: RawStore,
-    database: RawDatabase,
-    kafka: RawKafka,
-    consumer: RawConsumer,
-    relay: RawRelay,
-    http: RawHttp,
-    log: RawLog,
-    pipeline: RawPipeline,
-    credits: RawCredits,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStore {
-    kind: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDatabase {
-    url: String,
-    max_connections: u32,
-    acquire_timeout_ms: u64,
-    statement_timeout_ms: u64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawKafka {
-    bootstrap_servers: String,
-    group_id: String,
-    topic_prefix: String,
-    #[serde(default)]
-    librdkafka: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConsumer {
-    max_batch: usize,
-    max_conflict_retries: usize,
-    backoff_initial_ms: u64,
-    backoff_max_ms: u64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRelay {
-    batch_size: i64,
-    poll_interval_ms: u64,
-    retry_initial_ms: u64,
-    retry_max_ms: u64,
-    retention_secs: u64,
-    purge_batch: i64,
-    lease_secs: u64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHttp {
-    addr: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLog {
-    format: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPipeline {
-    dependencies: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCredits {
-    policy: String,
-    balance: i64,
-}
-
-/// The operator names the platform already uses, and the key each sets.
-pub const OPERATOR_NAMES: [(&str, &str); 7] = [
+/// bos's own names the platform's operators already use, and the key each sets.
+pub const OPERATOR_NAMES: [(&str, &str); 8] = [
     ("DATABASE_URL", "database.url"),
     ("KAFKA_BOOTSTRAP_SERVERS", "kafka.bootstrap_servers"),
     ("BOS_KAFKA_GROUP_ID", "kafka.group_id"),
@@ -242,7 +337,35 @@ pub const OPERATOR_NAMES: [(&str, &str); 7] = [
     ("BOS_HTTP_ADDR", "http.addr"),
     ("BOS_STORE", "store.kind"),
     ("BOS_LOG_FORMAT", "log.format"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
 ];
+
+/// The original service's prefix.
+pub const LEGACY_PREFIX: &str = "BATCH_ORCHESTRATOR_SERVICE_";
+
+/// librdkafka properties bos sets itself because its guarantees depend on them.
+pub const GUARDED_LIBRDKAFKA_KEYS: [&str; 10] = [
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "isolation.level",
+    "enable.gapless.guarantee",
+    "group.id",
+    "bootstrap.servers",
+    "transactional.id",
+];
+
+/// Where each effective value that is not a built-in default came from.
+pub type Sources = BTreeMap<String, String>;
+
+/// Settings plus the provenance of every overridden key.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub sources: Sources,
+}
 
 fn from_config_error(e: config::ConfigError) -> ConfigError {
     let key = match &e {
@@ -250,401 +373,437 @@ fn from_config_error(e: config::ConfigError) -> ConfigError {
         config::ConfigError::NotFound(key) => key.clone(),
         _ => "configuration".to_owned(),
     };
-    invalid(&key, e.to_string())
+    let problem = e.to_string();
+    // serde names an unknown field; say which one in the key as well.
+    let key = if key == "configuration" {
+        problem
+            .split('`')
+            .nth(1)
+            .map_or(key, |field| format!("configuration ({field})"))
+    } else {
+        key
+    };
+    invalid(&key, problem)
 }
 
-fn millis(key: &str, value: u64) -> Result<Duration, ConfigError> {
-    if value == 0 {
-        return Err(invalid(key, "must be greater than 0"));
+/// Layers overrides with the name of the variable each came from.
+struct Overrides {
+    values: Vec<(String, String, String)>,
+}
+
+impl Overrides {
+    fn set(&mut self, key: &str, value: impl Into<String>, source: impl Into<String>) {
+        self.values
+            .push((key.to_owned(), value.into(), source.into()));
     }
-    Ok(Duration::from_millis(value))
+}
+
+/// The original service's variables, as bos keys (bos's own names win later).
+fn legacy_overrides(vars: &HashMap<String, String>, out: &mut Overrides) {
+    let legacy = |name: &str| {
+        let full = format!("{LEGACY_PREFIX}{name}");
+        vars.get(&full)
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| (v.clone(), full))
+    };
+    let simple = [
+        ("KAFKA_BOOTSTRAP_SERVERS", "kafka.bootstrap_servers"),
+        ("KAFKA_CONSUMER_GROUP_ID", "kafka.group_id"),
+        ("SERVICE_NAME", "service_name"),
+        ("ENTITLEMENTS_BASE_URL", "credits.entitlements.base_url"),
+    ];
+    for (name, key) in simple {
+        if let Some((value, source)) = legacy(name) {
+            let value = if key == "credits.entitlements.base_url" {
+                value.trim_end_matches('/').to_owned()
+            } else {
+                value
+            };
+            out.set(key, value, source);
+        }
+    }
+    if let Some((seconds, source)) = legacy("ENTITLEMENTS_HTTP_TIMEOUT_SECONDS") {
+        out.set(
+            "credits.entitlements.timeout",
+            format!("{}s", seconds.trim()),
+            source,
+        );
+    }
+    if let Some((level, source)) = legacy("LOG_LEVEL") {
+        out.set("log.level", level.to_ascii_lowercase(), source);
+    }
+    if let Some((value, source)) = legacy("USE_MOCK_REPOSITORY") {
+        if value.eq_ignore_ascii_case("true") {
+            out.set("store.kind", "memory", source);
+        }
+    }
+    let host = legacy("HOST");
+    let port = legacy("PORT");
+    if host.is_some() || port.is_some() {
+        let sources: Vec<String> = [&host, &port]
+            .iter()
+            .filter_map(|p| p.as_ref().map(|(_, s)| s.clone()))
+            .collect();
+        let host = host.map_or_else(|| "0.0.0.0".to_owned(), |(h, _)| h);
+        let port = port.map_or_else(|| "5000".to_owned(), |(p, _)| p);
+        out.set("http.addr", format!("{host}:{port}"), sources.join(" + "));
+    }
+    match (legacy("DB_POOL_SIZE"), legacy("DB_MAX_OVERFLOW")) {
+        (None, None) => {}
+        (size, overflow) => {
+            let n = |v: &Option<(String, String)>, default: u32| {
+                v.as_ref()
+                    .and_then(|(v, _)| v.trim().parse::<u32>().ok())
+                    .unwrap_or(default)
+            };
+            let sources: Vec<String> = [&size, &overflow]
+                .iter()
+                .filter_map(|p| p.as_ref().map(|(_, s)| s.clone()))
+                .collect();
+            out.set(
+                "database.max_connections",
+                (n(&size, 5) + n(&overflow, 10)).to_string(),
+                sources.join(" + "),
+            );
+        }
+    }
+    if let Some(environment) = vars.get("ENVIRONMENT").filter(|v| !v.trim().is_empty()) {
+        out.set("environment", environment.trim(), "ENVIRONMENT");
+        if environment.trim() == "testing" {
+            out.set("store.kind", "memory", "ENVIRONMENT=testing");
+        }
+    }
+    if let Some((url, source)) = legacy_database_url(vars) {
+        out.set("database.url", url, source);
+    }
+    if vars.get("LOG_FORMAT").is_some_and(|v| v.trim() == "json") {
+        out.set("log.format", "json", "LOG_FORMAT");
+    }
+    // The original always asked the entitlements service.
+    if vars.keys().any(|k| k.starts_with(LEGACY_PREFIX)) {
+        out.set(
+            "credits.policy",
+            "entitlements",
+            format!("{LEGACY_PREFIX}* present (the original always checked entitlements)"),
+        );
+    }
+}
+
+/// The database URL the original service would have used, as bos's URL.
+fn legacy_database_url(vars: &HashMap<String, String>) -> Option<(String, String)> {
+    let get = |name: &str| vars.get(name).filter(|v| !v.trim().is_empty()).cloned();
+    for name in [
+        format!("{LEGACY_PREFIX}DATABASE_URL"),
+        "SERVICE_DATABASE_URL".to_owned(),
+    ] {
+        if let Some(url) = get(&name) {
+            return Some((normalise_database_url(&url), name));
+        }
+    }
+    let production = get("ENVIRONMENT").is_some_and(|e| e.trim() == "production");
+    let user = get("HULEEDU_DB_USER").unwrap_or_else(|| "huleedu_user".to_owned());
+    let (host, port, password, source) = if production {
+        let password = get("HULEEDU_PROD_DB_PASSWORD")?;
+        (
+            get("HULEEDU_PROD_DB_HOST")?,
+            get("HULEEDU_PROD_DB_PORT").unwrap_or_else(|| "5432".to_owned()),
+            password,
+            "HULEEDU_PROD_DB_HOST/PORT/PASSWORD, HULEEDU_DB_USER",
+        )
+    } else {
+        let password = get("HULEEDU_DB_PASSWORD")?;
+        get("HULEEDU_DB_USER")?;
+        if get("ENV_TYPE").is_some_and(|t| t.trim() == "docker") {
+            (
+                get(&format!("{LEGACY_PREFIX}DB_HOST"))
+                    .unwrap_or_else(|| "batch_orchestrator_db".to_owned()),
+                get(&format!("{LEGACY_PREFIX}DB_PORT")).unwrap_or_else(|| "5432".to_owned()),
+                password,
+                "HULEEDU_DB_USER/PASSWORD, ENV_TYPE=docker, BATCH_ORCHESTRATOR_SERVICE_DB_HOST/PORT",
+            )
+        } else {
+            (
+                "localhost".to_owned(),
+                "5438".to_owned(),
+                password,
+                "HULEEDU_DB_USER/PASSWORD",
+            )
+        }
+    };
+    Some((
+        format!(
+            "postgres://{}:{}@{host}:{port}/huleedu_batch_orchestrator",
+            percent_encode(&user),
+            percent_encode(&password)
+        ),
+        source.to_owned(),
+    ))
+}
+
+/// `postgresql+asyncpg://…` (SQLAlchemy's spelling) → `postgresql://…`.
+fn normalise_database_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) if scheme.starts_with("postgresql+") => {
+            format!("postgresql://{rest}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn percent_encode(raw: &str) -> String {
+    raw.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 impl Settings {
-    /// Reads the layered configuration: defaults, `BOS_CONFIG`, the environment.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        let file = std::env::var("BOS_CONFIG").ok().map(PathBuf::from);
-        Self::load(file.as_deref(), std::env::vars())
-    }
-
     /// Defaults, then `file`, then the environment `vars`.
     pub fn load(
         file: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        Ok(Self::load_with_sources(file, vars)?.settings)
+    }
+
+    /// [`Settings::load`], keeping where each overridden value came from.
+    pub fn load_with_sources(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, ConfigError> {
         let vars: HashMap<String, String> = vars.into_iter().collect();
+        let mut sources = Sources::new();
         let mut builder = config::Config::builder().add_source(config::File::from_str(
             DEFAULT_TOML,
             config::FileFormat::Toml,
         ));
         if let Some(path) = file {
-            if !path.is_file() {
-                return Err(invalid(
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid(
                     "BOS_CONFIG",
-                    format!("no configuration file at {}", path.display()),
-                ));
+                    format!("cannot read configuration file {}: {e}", path.display()),
+                )
+            })?;
+            let table: toml_keys::Table = text.parse().map_err(|e| {
+                invalid(
+                    "BOS_CONFIG",
+                    format!("{} is not valid TOML: {e}", path.display()),
+                )
+            })?;
+            for key in toml_keys::leaves(&table) {
+                sources.insert(key, format!("file {}", path.display()));
             }
-            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
-        let nested: HashMap<String, String> = vars
-            .iter()
-            .filter(|(k, _)| k.starts_with("BOS__"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix("BOS")
-                .prefix_separator("__")
-                .separator("__")
-                .source(Some(nested)),
-        );
+        let mut overrides = Overrides { values: Vec::new() };
+        legacy_overrides(&vars, &mut overrides);
+        let mut nested: Vec<(&String, &String)> =
+            vars.iter().filter(|(k, _)| k.starts_with("BOS__")).collect();
+        nested.sort();
+        for (name, value) in nested {
+            let key = name["BOS__".len()..].to_ascii_lowercase().replace("__", ".");
+            overrides.set(&key, value.clone(), name.clone());
+        }
         for (name, key) in OPERATOR_NAMES {
             if let Some(value) = vars.get(name) {
-                builder = builder
-                    .set_override(key, value.as_str())
-                    .map_err(from_config_error)?;
+                overrides.set(key, value.clone(), name);
             }
         }
         if vars
             .get("USE_MOCK_REPOSITORY")
             .is_some_and(|v| v.eq_ignore_ascii_case("true"))
         {
+            overrides.set("store.kind", "memory", "USE_MOCK_REPOSITORY");
+        }
+        let mut properties: Vec<(&String, &String)> = vars
+            .iter()
+            .filter(|(k, _)| k.starts_with("BOS_LIBRDKAFKA_"))
+            .collect();
+        properties.sort();
+        for (name, value) in properties {
+            let property = name["BOS_LIBRDKAFKA_".len()..].to_ascii_lowercase();
+            overrides.set(
+                &format!("kafka.librdkafka.{property}"),
+                value.clone(),
+                name.clone(),
+            );
+        }
+        for (key, value, source) in overrides.values {
             builder = builder
-                .set_override("store.kind", "memory")
+                .set_override(key.as_str(), value)
                 .map_err(from_config_error)?;
+            sources.insert(key, source);
         }
-        for (name, value) in &vars {
-            if let Some(property) = name.strip_prefix("BOS_LIBRDKAFKA_") {
-                let key = format!("kafka.librdkafka.{}", property.to_ascii_lowercase());
-                builder = builder
-                    .set_override(key, value.as_str())
-                    .map_err(from_config_error)?;
-            }
-        }
-        let raw: Raw = builder
+        let mut settings: Settings = builder
             .build()
             .map_err(from_config_error)?
             .try_deserialize()
             .map_err(from_config_error)?;
-        Self::validate(raw)
+        // Properties come as `security_protocol` from files and variables.
+        settings.kafka.librdkafka = std::mem::take(&mut settings.kafka.librdkafka)
+            .into_iter()
+            .map(|(k, v)| (k.replace('_', "."), v))
+            .collect();
+        settings.validate()?;
+        Ok(Loaded { settings, sources })
     }
 
-    fn validate(raw: Raw) -> Result<Self, ConfigError> {
-        let store = match raw.store.kind.as_str() {
-            "postgres" => StoreKind::Postgres,
-            "memory" => StoreKind::Memory,
-            other => {
-                return Err(invalid(
-                    "store.kind",
-                    format!("`{other}` is neither `postgres` nor `memory`"),
-                ))
-            }
-        };
-        if store == StoreKind::Postgres && raw.database.url.trim().is_empty() {
+    /// Checks what the types cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.store.kind == StoreKind::Postgres && self.database.url.expose().trim().is_empty() {
             return Err(invalid(
                 "database.url",
                 "required when store.kind = postgres (set DATABASE_URL)",
             ));
         }
-        if raw.database.max_connections == 0 {
+        if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
-        let postgres = PostgresSettings {
-            url: raw.database.url,
-            max_connections: raw.database.max_connections,
-            acquire_timeout: millis(
-                "database.acquire_timeout_ms",
-                raw.database.acquire_timeout_ms,
-            )?,
-            statement_timeout: millis(
-                "database.statement_timeout_ms",
-                raw.database.statement_timeout_ms,
-            )?,
-        };
         for (key, value) in [
-            ("kafka.bootstrap_servers", &raw.kafka.bootstrap_servers),
-            ("kafka.group_id", &raw.kafka.group_id),
+            ("kafka.bootstrap_servers", &self.kafka.bootstrap_servers),
+            ("kafka.group_id", &self.kafka.group_id),
         ] {
             if value.trim().is_empty() {
                 return Err(invalid(key, "must not be empty"));
             }
         }
-        let kafka = KafkaSettings {
-            bootstrap_servers: raw.kafka.bootstrap_servers,
-            group_id: raw.kafka.group_id,
-            topic_prefix: raw.kafka.topic_prefix,
-            librdkafka: raw
-                .kafka
-                .librdkafka
-                .into_iter()
-                .map(|(k, v)| (k.replace('_', "."), v))
-                .collect(),
-        };
-        if raw.consumer.max_batch == 0 {
+        for key in self.kafka.librdkafka.keys() {
+            if GUARDED_LIBRDKAFKA_KEYS.contains(&key.as_str()) {
+                return Err(invalid(
+                    &format!("kafka.librdkafka.{key}"),
+                    "bos sets this property itself: its delivery guarantees depend on it",
+                ));
+            }
+        }
+        if self.consumer.max_batch == 0 {
             return Err(invalid("consumer.max_batch", "must be at least 1"));
         }
-        let consumer = ConsumerSettings {
-            max_batch: raw.consumer.max_batch,
-            max_conflict_retries: raw.consumer.max_conflict_retries,
-            backoff_initial: millis(
-                "consumer.backoff_initial_ms",
-                raw.consumer.backoff_initial_ms,
-            )?,
-            backoff_max: millis("consumer.backoff_max_ms", raw.consumer.backoff_max_ms)?,
-        };
+        if self.consumer.partition_buffer < self.consumer.max_batch {
+            return Err(invalid(
+                "consumer.partition_buffer",
+                "must be at least consumer.max_batch",
+            ));
+        }
+        let positive = [
+            ("database.acquire_timeout", self.database.acquire_timeout),
+            ("database.statement_timeout", self.database.statement_timeout),
+            ("consumer.backoff_initial", self.consumer.backoff_initial),
+            ("consumer.backoff_max", self.consumer.backoff_max),
+            ("consumer.stall_timeout", self.consumer.stall_timeout),
+            ("consumer.drain_timeout", self.consumer.drain_timeout),
+            ("relay.poll_interval", self.relay.poll_interval),
+            ("relay.retry_initial", self.relay.retry_initial),
+            ("relay.retry_max", self.relay.retry_max),
+            ("relay.lease", self.relay.lease),
+            ("relay.housekeeping_interval", self.relay.housekeeping_interval),
+            ("kafka.topic_check_interval", self.kafka.topic_check_interval),
+            ("credits.entitlements.timeout", self.credits.entitlements.timeout),
+        ];
+        for (key, value) in positive {
+            if value.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
         for (key, value) in [
-            ("relay.batch_size", raw.relay.batch_size),
-            ("relay.purge_batch", raw.relay.purge_batch),
+            ("relay.batch_size", self.relay.batch_size),
+            ("relay.purge_batch", self.relay.purge_batch),
         ] {
             if value < 1 {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
-        if raw.relay.lease_secs == 0 {
-            return Err(invalid("relay.lease_secs", "must be at least 1"));
-        }
-        let relay = RelaySettings {
-            batch_size: raw.relay.batch_size,
-            poll_interval: millis("relay.poll_interval_ms", raw.relay.poll_interval_ms)?,
-            retry_initial: millis("relay.retry_initial_ms", raw.relay.retry_initial_ms)?,
-            retry_max: millis("relay.retry_max_ms", raw.relay.retry_max_ms)?,
-            retention: Duration::from_secs(raw.relay.retention_secs),
-            purge_batch: raw.relay.purge_batch,
-            lease: Duration::from_secs(raw.relay.lease_secs),
-        };
-        if raw.http.addr.parse::<std::net::SocketAddr>().is_err() {
+        if self.http.addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 "http.addr",
-                format!("`{}` is not a socket address (host:port)", raw.http.addr),
+                format!("`{}` is not a socket address (host:port)", self.http.addr),
             ));
         }
-        let log_json = match raw.log.format.as_str() {
-            "text" => false,
-            "json" => true,
-            other => {
+        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a log filter", self.log.level),
+            ));
+        }
+        self.graph()?;
+        if self.credits.policy == CreditPolicyKind::Entitlements {
+            let url = &self.credits.entitlements.base_url;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(invalid(
-                    "log.format",
-                    format!("`{other}` is neither `text` nor `json`"),
-                ))
+                    "credits.entitlements.base_url",
+                    format!("`{url}` is not an http(s) URL"),
+                ));
             }
-        };
-        let mut edges = Vec::new();
-        for (phase, prerequisite) in &raw.pipeline.dependencies {
-            let key = format!("pipeline.dependencies.{phase}");
-            let parse = |name: &str| {
-                PhaseName::parse(name)
-                    .ok_or_else(|| invalid(&key, format!("`{name}` is not a phase")))
+            if self.credits.entitlements.failure_threshold == 0 {
+                return Err(invalid(
+                    "credits.entitlements.failure_threshold",
+                    "must be at least 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The pipeline graph this configuration describes.
+    pub fn graph(&self) -> Result<PhaseGraph, ConfigError> {
+        let mut phases = Vec::new();
+        for (name, phase) in &self.pipeline.phases {
+            let key = format!("pipeline.phases.{name}");
+            let parse = |n: &str| {
+                PhaseName::parse(n).ok_or_else(|| invalid(&key, format!("`{n}` is not a phase")))
             };
-            edges.push((parse(phase)?, parse(prerequisite)?));
-        }
-        let graph =
-            PhaseGraph::new(edges).map_err(|e| invalid("pipeline.dependencies", e.to_string()))?;
-        let credits = match raw.credits.policy.as_str() {
-            "allow_all" => CreditSettings::AllowAll,
-            "fixed_balance" => CreditSettings::FixedBalance(raw.credits.balance),
-            other => {
-                return Err(invalid(
-                    "credits.policy",
-                    format!("`{other}` is neither `allow_all` nor `fixed_balance`"),
-                ))
-            }
-        };
-        Ok(Self {
-            store,
-            postgres,
-            kafka,
-            consumer,
-            relay,
-            http_addr: raw.http.addr,
-            log_json,
-            graph,
-            credits,
-        })
-    }
-
-    /// The rules this configuration describes.
-    pub fn rules(&self) -> Rules {
-        let credits: Arc<dyn CreditPolicy> = match self.credits {
-            CreditSettings::AllowAll => Arc::new(AllowAll),
-            CreditSettings::FixedBalance(n) => Arc::new(FixedBalance(n)),
-        };
-        Rules::new(self.graph.clone(), credits)
-    }
-
-    /// The effective configuration, with secrets masked.
-    pub fn masked(&self) -> serde_json::Value {
-        let secret = |key: &str| {
-            ["password", "secret", "token"]
+            let depends_on = phase
+                .depends_on
                 .iter()
-                .any(|s| key.contains(s))
-        };
-        let ms = |d: Duration| d.as_millis() as u64;
-        json!({
-            "store": {"kind": match self.store { StoreKind::Postgres => "postgres", StoreKind::Memory => "memory" }},
-            "database": {
-                "url": mask_url(&self.postgres.url),
-                "max_connections": self.postgres.max_connections,
-                "acquire_timeout_ms": ms(self.postgres.acquire_timeout),
-                "statement_timeout_ms": ms(self.postgres.statement_timeout),
-            },
-            "kafka": {
-                "bootstrap_servers": self.kafka.bootstrap_servers,
-                "group_id": self.kafka.group_id,
-                "topic_prefix": self.kafka.topic_prefix,
-                "librdkafka": self.kafka.librdkafka.iter()
-                    .map(|(k, v)| (k.clone(), if secret(k) { "***".to_owned() } else { v.clone() }))
-                    .collect::<BTreeMap<_, _>>(),
-            },
-            "consumer": {
-                "max_batch": self.consumer.max_batch,
-                "max_conflict_retries": self.consumer.max_conflict_retries,
-                "backoff_initial_ms": ms(self.consumer.backoff_initial),
-                "backoff_max_ms": ms(self.consumer.backoff_max),
-            },
-            "relay": {
-                "batch_size": self.relay.batch_size,
-                "poll_interval_ms": ms(self.relay.poll_interval),
-                "retry_initial_ms": ms(self.relay.retry_initial),
-                "retry_max_ms": ms(self.relay.retry_max),
-                "retention_secs": self.relay.retention.as_secs(),
-                "purge_batch": self.relay.purge_batch,
-                "lease_secs": self.relay.lease.as_secs(),
-            },
-            "http": {"addr": self.http_addr},
-            "log": {"format": if self.log_json { "json" } else { "text" }},
-            "pipeline": {"dependencies": self.graph.edges()
-                .map(|(p, q)| (p.as_str(), q.as_str()))
-                .collect::<BTreeMap<_, _>>()},
-            "credits": match self.credits {
-                CreditSettings::AllowAll => json!({"policy": "allow_all"}),
-                CreditSettings::FixedBalance(n) => json!({"policy": "fixed_balance", "balance": n}),
-            },
-        })
-    }
-}
-
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
-pub fn mask_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((credentials, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn defaults_file_and_environment_layer_in_order() {
-        let s = Settings::load(None, vars(&[("USE_MOCK_REPOSITORY", "true")])).unwrap();
-        assert_eq!(s.store, StoreKind::Memory);
-        assert_eq!(s.kafka.group_id, "batch-orchestrator-consumers");
-        assert_eq!(s.consumer.max_batch, 256);
-        let dir = std::env::temp_dir().join(format!("bos-config-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("bos.toml");
-        std::fs::write(
-            &file,
-            "[consumer]\nmax_batch = 64\n[kafka]\ngroup_id = \"from-file\"\n",
-        )
-        .unwrap();
-        let s = Settings::load(
-            Some(&file),
-            vars(&[
-                ("DATABASE_URL", "postgres://bos:hunter2@db:5432/bos"),
-                ("BOS__CONSUMER__MAX_BATCH", "32"),
-                ("BOS_LIBRDKAFKA_SECURITY_PROTOCOL", "ssl"),
-                ("BOS_LIBRDKAFKA_SASL_PASSWORD", "hunter2"),
-                ("BOS_KAFKA_TOPIC_PREFIX", "test-"),
-            ]),
-        )
-        .unwrap();
-        assert_eq!(s.store, StoreKind::Postgres);
-        assert_eq!(s.consumer.max_batch, 32, "environment beats the file");
-        assert_eq!(s.kafka.group_id, "from-file", "the file beats the defaults");
-        assert_eq!(s.kafka.topic("x"), "test-x");
-        assert!(s
-            .kafka
-            .librdkafka
-            .contains(&("security.protocol".to_owned(), "ssl".to_owned())));
-        let shown = s.masked().to_string();
-        assert!(!shown.contains("hunter2"), "secrets are masked: {shown}");
-        assert!(shown.contains("postgres://bos:***@db:5432/bos"));
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn invalid_settings_name_the_key() {
-        let cases: [(&[(&str, &str)], &str); 8] = [
-            (&[("BOS_STORE", "redis")], "store.kind"),
-            (&[], "database.url"),
-            (
-                &[
-                    ("USE_MOCK_REPOSITORY", "true"),
-                    ("BOS__CONSUMER__MAX_BATCH", "lots"),
-                ],
-                "consumer.max_batch",
-            ),
-            (
-                &[
-                    ("USE_MOCK_REPOSITORY", "true"),
-                    ("BOS__CONSUMER__MAX_BATCH", "0"),
-                ],
-                "consumer.max_batch",
-            ),
-            (
-                &[
-                    ("USE_MOCK_REPOSITORY", "true"),
-                    ("BOS_HTTP_ADDR", "nowhere"),
-                ],
-                "http.addr",
-            ),
-            (
-                &[
-                    ("USE_MOCK_REPOSITORY", "true"),
-                    ("BOS__PIPELINE__DEPENDENCIES__NLP", "grading"),
-                ],
-                "pipeline.dependencies.nlp",
-            ),
-            (
-                &[
-                    ("USE_MOCK_REPOSITORY", "true"),
-                    ("BOS__CREDITS__POLICY", "free"),
-                ],
-                "credits.policy",
-            ),
-            (
-                &[("USE_MOCK_REPOSITORY", "true"), ("BOS_LOG_FORMAT", "xml")],
-                "log.format",
-            ),
-        ];
-        for (env, key) in cases {
-            let e = Settings::load(None, vars(env)).unwrap_err();
-            assert_eq!(e.key, key, "{e}");
+                .map(|d| parse(d))
+                .collect::<Result<Vec<_>, _>>()?;
+            phases.push((parse(name)?, depends_on, phase.requires_prompt));
         }
-        let e = Settings::load(
+        PhaseGraph::new(phases).map_err(|e| invalid("pipeline.phases", e.to_string()))
+    }
+
+    /// The effective configuration as JSON, secrets masked.
+    pub fn masked(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Settings for tests and tools: the defaults with an in-memory store.
+    pub fn defaults() -> Self {
+        Self::load(
             None,
-            vars(&[
-                ("USE_MOCK_REPOSITORY", "true"),
-                ("BOS__CONSUMR__MAX_BATCH", "1"),
-            ]),
+            [("BOS_STORE".to_owned(), "memory".to_owned())]
+                .into_iter()
+                .collect::<Vec<_>>(),
         )
-        .unwrap_err();
-        assert!(e.to_string().contains("consumr"), "typos are named: {e}");
-        let e = Settings::load(Some(Path::new("/nonexistent/bos.toml")), vars(&[])).unwrap_err();
-        assert_eq!(e.key, "BOS_CONFIG");
+        .unwrap_or_else(|e| unreachable!("the built-in defaults are valid: {e}"))
+    }
+}
+
+/// Lists the keys a configuration file sets.
+mod toml_keys {
+    pub type Table = toml::Table;
+
+    /// Dotted names of every leaf value (properties under `librdkafka` count as leaves).
+    pub fn leaves(table: &Table) -> Vec<String> {
+        let mut out = Vec::new();
+        walk("", table, &mut out);
+        out
+    }
+
+    fn walk(prefix: &str, table: &Table, out: &mut Vec<String>) {
+        for (key, value) in table {
+            let name = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value.as_table() {
+                Some(inner) => walk(&name, inner, out),
+                None => out.push(name),
+            }
+        }
     }
 }

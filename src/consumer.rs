@@ -1,309 +1,198 @@
-//! Kafka in: decode → load → decide → one transaction (state + outbox + inbox)
-//! → store the offset. Offsets are stored only after the transaction committed
-//! (or the message was dead-lettered), and committed by librdkafka.
+//! Kafka in. One loop fetches and hands each record to its partition's queue;
+//! each partition is applied by a task of its own, so a partition that must
+//! retry holds nobody else. A partition's offset is stored only after its
+//! records are committed (or dead-lettered), and librdkafka commits stored
+//! offsets in the background, on revoke and on close. A partition whose queue
+//! fills up is paused until its task catches up.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use futures::future::join_all;
-use futures::FutureExt;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio::sync::{watch, Notify};
-use uuid::Uuid;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
 
+use crate::apply::{prepare, Applier, Outcome, Record, Verdict};
 use crate::config::{ConsumerSettings, KafkaSettings};
-use crate::contracts::{decode, topics, Decoded};
-use crate::domain::{Batch, Env, EventMeta, RandomIds, Rules, Verdict};
+use crate::contracts::topics;
+use crate::health::Health;
+use crate::kafka::{consumer_config, Assignment, ConsumerEvents, ProducerHandle};
 use crate::metrics::Metrics;
-use crate::store::{Change, ChangeOutcome, InboxRecord, Repository, StoreError};
+use crate::throttle::Throttled;
 
-/// One consumed record, detached from the consumer.
-#[derive(Debug, Clone)]
-pub struct Incoming {
-    /// Unprefixed topic.
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
+type PartitionKey = (String, i32);
+type BosConsumer = StreamConsumer<ConsumerEvents>;
 
-impl Incoming {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-    }
-}
-
-/// What became of one record.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Applied,
-    Ignored(String),
-    Duplicate,
-    DeadLetter { reason: &'static str, error: String },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum HandleError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("batch `{0}` kept changing underneath; retrying later")]
-    Contended(String),
-}
-
-/// Namespace of event ids derived from a record's position when it carries none.
-const POSITION_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2b7e_4d0a_4c55_9a3e_0b1d_8e27_f4c9);
-
-/// The envelope facts the rules need, with stable fallbacks.
-fn event_meta(record: &Incoming, decoded: &Decoded) -> EventMeta {
-    let event_id = record
-        .header("event_id")
-        .and_then(|h| h.parse().ok())
-        .or(decoded.envelope.event_id)
-        .unwrap_or_else(|| {
-            let position = format!("{}/{}/{}", record.topic, record.partition, record.offset);
-            Uuid::new_v5(&POSITION_NAMESPACE, position.as_bytes())
-        });
-    let traceparent = record.header("traceparent").map(str::to_owned).or_else(|| {
-        decoded
-            .envelope
-            .metadata
-            .as_ref()
-            .and_then(|m| m.get("traceparent"))
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
-    });
-    EventMeta {
-        event_id,
-        correlation_id: decoded
-            .envelope
-            .correlation_id
-            .unwrap_or_else(|| Uuid::new_v5(&POSITION_NAMESPACE, event_id.as_bytes())),
-        traceparent,
-    }
-}
-
-/// Applies records: the part of the worker that does not touch Kafka.
-pub struct Handler {
-    repo: Arc<dyn Repository>,
-    rules: Rules,
-    max_conflict_retries: usize,
+/// Creates the consumer and subscribes it to every consumed topic.
+pub fn subscribe(
+    kafka: &KafkaSettings,
     metrics: Arc<Metrics>,
+) -> Result<(Arc<BosConsumer>, mpsc::UnboundedReceiver<Assignment>), KafkaError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let consumer: BosConsumer =
+        consumer_config(kafka).create_with_context(ConsumerEvents::new(tx, metrics))?;
+    let names: Vec<String> = topics::CONSUMED.iter().map(|t| kafka.topic(t)).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    consumer.subscribe(&names)?;
+    Ok((Arc::new(consumer), rx))
 }
 
-impl Handler {
-    pub fn new(
-        repo: Arc<dyn Repository>,
-        rules: Rules,
-        max_conflict_retries: usize,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Self {
-            repo,
-            rules,
-            max_conflict_retries,
-            metrics,
-        }
-    }
+/// Sends records to `<topic>.dlq` with the reason.
+pub struct DeadLetters {
+    pub producer: Arc<ProducerHandle>,
+    pub kafka: KafkaSettings,
+    pub health: Arc<Health>,
+}
 
-    /// Applies `records` (in order) in as few transactions as conflicts allow.
-    pub async fn handle(&self, records: &[Incoming]) -> Result<Vec<Outcome>, HandleError> {
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; records.len()];
-        let mut decoded: Vec<Option<(Decoded, EventMeta)>> = Vec::with_capacity(records.len());
-        for (i, record) in records.iter().enumerate() {
-            match decode(&record.topic, record.payload.as_deref().unwrap_or_default()) {
-                Ok(d) => {
-                    let meta = event_meta(record, &d);
-                    decoded.push(Some((d, meta)));
-                }
-                Err(e) => {
-                    outcomes[i] = Some(Outcome::DeadLetter {
-                        reason: "decode_error",
-                        error: e.to_string(),
-                    });
-                    decoded.push(None);
-                }
+impl DeadLetters {
+    /// Publishes one letter and waits for the broker's acknowledgement.
+    pub async fn send(&self, record: &Record, reason: &str, error: &str) -> Result<(), KafkaError> {
+        let source = self.kafka.topic(&record.topic);
+        let topic = format!("{source}{}", topics::DLQ_SUFFIX);
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &record.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let partition = record.partition.to_string();
+        let offset = record.offset.to_string();
+        let failed_at = crate::contracts::time::format(&chrono::Utc::now());
+        let error: String = error.chars().take(4000).collect();
+        for (k, v) in [
+            ("dlq.reason", reason),
+            ("dlq.error", error.as_str()),
+            ("dlq.source.topic", source.as_str()),
+            ("dlq.source.partition", partition.as_str()),
+            ("dlq.source.offset", offset.as_str()),
+            ("dlq.failed_at", failed_at.as_str()),
+        ] {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let result = self
+            .producer
+            .send(
+                &topic,
+                record.key.as_deref(),
+                record.payload.as_deref().unwrap_or_default(),
+                headers,
+                Duration::from_secs(30),
+            )
+            .await;
+        if let Err(e) = &result {
+            if matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
+            ) {
+                self.health.topic_missing(&topic);
             }
         }
-        for _ in 0..=self.max_conflict_retries {
-            // Every batch this round needs, in one read.
-            let mut wanted: Vec<String> = decoded
-                .iter()
-                .zip(&outcomes)
-                .filter(|(_, outcome)| outcome.is_none())
-                .filter_map(|(entry, _)| entry.as_ref().map(|(m, _)| m.event.batch_id().to_owned()))
-                .collect();
-            wanted.sort();
-            wanted.dedup();
-            let mut cache: HashMap<String, Option<Batch>> =
-                wanted.iter().map(|id| (id.clone(), None)).collect();
-            for batch in self.repo.get_batches(&wanted).await? {
-                cache.insert(batch.id.clone(), Some(batch));
-            }
-            let mut changes = Vec::new();
-            let mut owners = Vec::new();
-            for (i, entry) in decoded.iter().enumerate() {
-                let Some((message, meta)) = entry else {
-                    continue;
-                };
-                if outcomes[i].is_some() {
-                    continue;
-                }
-                let id = message.event.batch_id();
-                let current = cache.get(id).cloned().flatten();
-                let record = &records[i];
-                let span = tracing::info_span!(
-                    "event",
-                    event_id = %meta.event_id,
-                    correlation_id = %meta.correlation_id,
-                    batch_id = id,
-                    topic = %record.topic,
-                    partition = record.partition,
-                    offset = record.offset,
-                );
-                let mut meta = meta.clone();
-                meta.traceparent =
-                    crate::telemetry::continue_trace(&span, meta.traceparent.as_deref());
-                let decision = span.in_scope(|| {
-                    let mut ids = RandomIds;
-                    let mut env = Env {
-                        now: chrono::Utc::now(),
-                        ids: &mut ids,
-                    };
-                    self.rules
-                        .decide(current.as_ref(), &message.event, &meta, &mut env)
-                });
-                for note in &decision.notes {
-                    tracing::info!(event_id = %meta.event_id, batch_id = id, "{note}");
-                }
-                let (Some(current), Some(mut next)) = (current, decision.batch) else {
-                    if let Verdict::DeadLetter { reason, error } = decision.verdict {
-                        outcomes[i] = Some(Outcome::DeadLetter { reason, error });
-                    }
-                    continue;
-                };
-                changes.push(Change {
-                    batch: next.clone(),
-                    expected_version: Some(current.version),
-                    essays_changed: decision.essays_changed,
-                    outbox: decision.messages,
-                    inbox: Some(InboxRecord {
-                        event_id: meta.event_id,
-                        topic: record_topic(&message.event),
-                    }),
-                    snapshot: decision.snapshot,
-                });
-                owners.push((i, decision.verdict));
-                next.version = current.version + 1;
-                cache.insert(id.to_owned(), Some(next));
-            }
-            if changes.is_empty() {
-                break;
-            }
-            let results = self.repo.apply(changes).await?;
-            for ((i, verdict), result) in owners.into_iter().zip(results) {
-                outcomes[i] = match result {
-                    ChangeOutcome::Applied { .. } => Some(match verdict {
-                        Verdict::Ignored(why) => Outcome::Ignored(why),
-                        _ => Outcome::Applied,
-                    }),
-                    ChangeOutcome::Duplicate => Some(Outcome::Duplicate),
-                    ChangeOutcome::Conflict | ChangeOutcome::NotFound => {
-                        self.metrics.cas_conflicts.inc();
-                        None
-                    }
-                };
-            }
-            if outcomes.iter().all(Option::is_some) {
-                break;
-            }
-        }
-        outcomes
-            .into_iter()
-            .enumerate()
-            .map(|(i, o)| {
-                o.ok_or_else(|| {
-                    let id = decoded[i]
-                        .as_ref()
-                        .map(|(d, _)| d.event.batch_id().to_owned())
-                        .unwrap_or_default();
-                    HandleError::Contended(id)
-                })
-            })
-            .collect()
+        result
     }
 }
 
-fn record_topic(event: &crate::contracts::InboundEvent) -> String {
-    event.topic().to_owned()
+/// What the partition tasks share.
+pub struct Shared {
+    pub consumer: Arc<BosConsumer>,
+    pub applier: Applier,
+    pub dead_letters: DeadLetters,
+    pub kafka: KafkaSettings,
+    pub settings: ConsumerSettings,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    /// Notified after each commit that may have written outbox rows.
+    pub outbox_written: Arc<Notify>,
+    retries: Throttled,
+}
+
+/// One partition's waiting records.
+#[derive(Default)]
+struct Queue {
+    records: Mutex<VecDeque<(Record, Instant)>>,
+    ready: Notify,
+}
+
+impl Queue {
+    fn push(&self, record: Record) -> usize {
+        let mut q = self
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        q.push_back((record, Instant::now()));
+        let n = q.len();
+        drop(q);
+        self.ready.notify_one();
+        n
+    }
+
+    fn take(&self, max: usize) -> (Vec<Record>, Option<Instant>) {
+        let mut q = self
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = q.len().min(max);
+        let first = q.front().map(|(_, at)| *at);
+        (q.drain(..n).map(|(r, _)| r).collect(), first)
+    }
+
+    fn oldest(&self) -> (usize, Option<Instant>) {
+        let q = self
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (q.len(), q.front().map(|(_, at)| *at))
+    }
+}
+
+struct PartitionTask {
+    queue: Arc<Queue>,
+    stop: watch::Sender<bool>,
 }
 
 /// The consuming side of `bos run`.
-pub struct Worker {
-    pub consumer: Arc<StreamConsumer>,
-    pub dlq: FutureProducer,
-    pub handler: Handler,
-    pub kafka: KafkaSettings,
-    pub settings: ConsumerSettings,
-    /// Notified after each commit that wrote outbox rows (wakes an in-process relay).
-    pub outbox_written: Arc<Notify>,
-    pub metrics: Arc<Metrics>,
+pub struct Consumer {
+    shared: Arc<Shared>,
+    assignments: mpsc::UnboundedReceiver<Assignment>,
 }
 
-impl Outcome {
-    fn label(&self) -> &'static str {
-        match self {
-            Outcome::Applied => "applied",
-            Outcome::Ignored(_) => "ignored",
-            Outcome::Duplicate => "duplicate",
-            Outcome::DeadLetter { .. } => "dead_letter",
+impl Consumer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        consumer: Arc<BosConsumer>,
+        assignments: mpsc::UnboundedReceiver<Assignment>,
+        applier: Applier,
+        dead_letters: DeadLetters,
+        kafka: KafkaSettings,
+        settings: ConsumerSettings,
+        health: Arc<Health>,
+        outbox_written: Arc<Notify>,
+    ) -> Self {
+        let metrics = applier.metrics.clone();
+        Self {
+            shared: Arc::new(Shared {
+                consumer,
+                applier,
+                dead_letters,
+                kafka,
+                settings,
+                health,
+                metrics,
+                outbox_written,
+                retries: Throttled::new(Duration::from_secs(10)),
+            }),
+            assignments,
         }
     }
-}
 
-/// Records behind the high watermark over the consumer's assigned partitions.
-fn consumer_lag(consumer: &StreamConsumer) -> rdkafka::error::KafkaResult<i64> {
-    let positions = consumer.position()?;
-    let mut lag = 0;
-    for element in positions.elements() {
-        let (_, high) = consumer.fetch_watermarks(
-            element.topic(),
-            element.partition(),
-            Duration::from_secs(2),
-        )?;
-        if let rdkafka::Offset::Offset(position) = element.offset() {
-            lag += (high - position).max(0);
-        }
-    }
-    Ok(lag)
-}
-
-/// A consumer configured for manual offset storage.
-pub fn consumer(kafka: &KafkaSettings) -> rdkafka::error::KafkaResult<StreamConsumer> {
-    let consumer: StreamConsumer = kafka
-        .client_config()
-        .set("group.id", &kafka.group_id)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .create()?;
-    let topics: Vec<String> = topics::CONSUMED.iter().map(|t| kafka.topic(t)).collect();
-    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics)?;
-    Ok(consumer)
-}
-
-impl Worker {
-    fn detach(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
+    fn detach(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
         let headers = message
             .headers()
             .map(|hs| {
@@ -317,193 +206,331 @@ impl Worker {
                     .collect()
             })
             .unwrap_or_default();
-        Incoming {
-            topic: self.kafka.unprefixed(message.topic()).to_owned(),
+        Record {
+            topic: self.shared.kafka.unprefixed(message.topic()).to_owned(),
             partition: message.partition(),
             offset: message.offset(),
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec),
             headers,
+            produced_at_ms: message.timestamp().to_millis(),
         }
     }
 
-    /// Sends a record to `<topic>.dlq` with the reason, and waits for the acknowledgement.
-    async fn dead_letter(
-        &self,
-        record: &Incoming,
-        reason: &str,
-        error: &str,
-    ) -> Result<(), String> {
-        let topic = format!("{}{}", self.kafka.topic(&record.topic), topics::DLQ_SUFFIX);
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in &record.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        let source = self.kafka.topic(&record.topic);
-        let partition = record.partition.to_string();
-        let offset = record.offset.to_string();
-        let failed_at = crate::contracts::time::format(&chrono::Utc::now());
-        for (k, v) in [
-            ("dlq.reason", reason),
-            ("dlq.error", error),
-            ("dlq.source.topic", source.as_str()),
-            ("dlq.source.partition", partition.as_str()),
-            ("dlq.source.offset", offset.as_str()),
-            ("dlq.failed_at", failed_at.as_str()),
-        ] {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        let payload = record.payload.as_deref().unwrap_or_default();
-        let mut out = FutureRecord::to(&topic).payload(payload).headers(headers);
-        if let Some(key) = &record.key {
-            out = out.key(key);
-        }
-        self.dlq
-            .send(out, Duration::from_secs(30))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e.to_string())
+    fn tpl(&self, key: &PartitionKey) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.shared.kafka.topic(&key.0), key.1);
+        tpl
     }
 
-    /// Consumes until `shutdown` turns true, then commits what is done.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut lag_measured = std::time::Instant::now();
-        while !*shutdown.borrow() {
-            if lag_measured.elapsed() > Duration::from_secs(10) {
-                lag_measured = std::time::Instant::now();
-                let consumer = self.consumer.clone();
-                let gauge = self.metrics.consumer_lag.clone();
-                tokio::task::spawn_blocking(move || match consumer_lag(&consumer) {
-                    Ok(lag) => gauge.set(lag),
-                    Err(e) => tracing::debug!(error = %e, "consumer lag not measured"),
-                });
-            }
-            let first = tokio::select! {
-                _ = shutdown.changed() => break,
-                m = self.consumer.recv() => m,
-            };
-            let mut records = match first {
-                Ok(m) => vec![self.detach(&m)],
-                Err(e) => {
-                    tracing::warn!(error = %e, "consumer error");
-                    tokio::time::sleep(self.settings.backoff_initial).await;
-                    continue;
-                }
-            };
-            while records.len() < self.settings.max_batch {
-                match self.consumer.recv().now_or_never() {
-                    Some(Ok(m)) => records.push(self.detach(&m)),
-                    _ => break,
-                }
-            }
-            // Each partition's records in order, partitions side by side.
-            let mut partitions: Vec<Vec<Incoming>> = Vec::new();
-            for record in records {
-                match partitions
-                    .iter_mut()
-                    .find(|p| p[0].topic == record.topic && p[0].partition == record.partition)
-                {
-                    Some(p) => p.push(record),
-                    None => partitions.push(vec![record]),
-                }
-            }
-            let started = std::time::Instant::now();
-            let results = join_all(
-                partitions
-                    .iter()
-                    .map(|p| self.apply_partition(p, shutdown.clone())),
-            )
-            .await;
-            self.metrics
-                .handler_seconds
-                .observe(started.elapsed().as_secs_f64());
-            let mut stopping = false;
-            for (records, outcomes) in partitions.iter().zip(results) {
-                match outcomes {
-                    Some(outcomes) => self.settle(records, outcomes.as_slice()).await,
-                    // Shut down while retrying: these offsets stay uncommitted.
-                    None => stopping = true,
-                }
-            }
-            self.outbox_written.notify_one();
-            if stopping {
-                break;
-            }
-        }
-        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
-            tracing::debug!(error = %e, "final commit");
-        }
-    }
-
-    /// Applies one partition's records, retrying transient failures with capped
-    /// backoff (never skipping); `None` when shutdown came first.
-    async fn apply_partition(
-        &self,
-        records: &[Incoming],
-        mut shutdown: watch::Receiver<bool>,
-    ) -> Option<Vec<Outcome>> {
-        let mut backoff = self.settings.backoff_initial;
-        loop {
-            match self.handler.handle(records).await {
-                Ok(outcomes) => return Some(outcomes),
-                Err(e) => {
-                    tracing::warn!(
-                        error = %e,
-                        topic = %records[0].topic,
-                        partition = records[0].partition,
-                        ?backoff,
-                        "apply failed; retrying the same records"
-                    );
-                    tokio::select! {
-                        _ = shutdown.wait_for(|s| *s) => return None,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(self.settings.backoff_max);
-                }
-            }
-        }
-    }
-
-    /// Dead-letters what needs it, counts, and stores the offsets of done records.
-    async fn settle(&self, records: &[Incoming], outcomes: &[Outcome]) {
-        for (record, outcome) in records.iter().zip(outcomes) {
-            self.metrics
-                .messages
-                .with_label_values(&[record.topic.as_str(), outcome.label()])
-                .inc();
-            match outcome {
-                Outcome::DeadLetter { reason, error } => {
-                    self.metrics.dead_letters.inc();
-                    tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, reason, error, "dead-lettering");
-                    let mut wait = self.settings.backoff_initial;
-                    while let Err(e) = self.dead_letter(record, reason, error).await {
-                        tracing::warn!(error = %e, "dead-letter publish failed; retrying");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(self.settings.backoff_max);
+    /// Consumes until `shutdown` turns true; then lets every partition finish
+    /// the records it is applying, commits, and returns. A partition task that
+    /// fails or panics ends the consumer with an error.
+    pub async fn run(mut self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let shared = self.shared.clone();
+        let mut partitions: HashMap<PartitionKey, PartitionTask> = HashMap::new();
+        let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+        let mut paused: HashSet<PartitionKey> = HashSet::new();
+        let (resume_tx, mut resume_rx) = mpsc::unbounded_channel::<PartitionKey>();
+        let errors = Throttled::new(Duration::from_secs(10));
+        let mut backoff = shared.settings.backoff_initial;
+        let mut gauges = tokio::time::interval(Duration::from_secs(1));
+        let mut lag_measured = Instant::now();
+        let mut stop_signal = shutdown.clone();
+        let result: anyhow::Result<()> = loop {
+            shared.health.consumer_turned();
+            tokio::select! {
+                biased;
+                () = crate::signal::stopped(&mut stop_signal) => break Ok(()),
+                Some(joined) = tasks.join_next() => match joined {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e.context("a partition task failed")),
+                    Err(e) => break Err(anyhow::anyhow!("a partition task panicked: {e}")),
+                },
+                Some(change) = self.assignments.recv() => {
+                    if let Assignment::Revoked(revoked) = change {
+                        for (topic, partition) in revoked {
+                            let key = (shared.kafka.unprefixed(&topic).to_owned(), partition);
+                            if let Some(task) = partitions.remove(&key) {
+                                let _ = task.stop.send(true);
+                            }
+                            paused.remove(&key);
+                            shared.health.partition_gone(&key);
+                            shared.metrics.partition_stuck_seconds
+                                .with_label_values(&[&key.0, &key.1.to_string()])
+                                .set(0.0);
+                        }
                     }
                 }
-                Outcome::Ignored(why) => {
-                    tracing::info!(topic = %record.topic, offset = record.offset, why, "ignored")
+                Some(key) = resume_rx.recv() => {
+                    if paused.remove(&key) && partitions.contains_key(&key) {
+                        if let Err(e) = shared.consumer.resume(&self.tpl(&key)) {
+                            tracing::warn!(error = %e, topic = %key.0, partition = key.1, "resume failed");
+                        }
+                    }
                 }
-                Outcome::Duplicate => {
-                    self.metrics.duplicates.inc();
-                    tracing::info!(topic = %record.topic, offset = record.offset, "duplicate skipped")
+                _ = gauges.tick() => {
+                    for ((topic, partition), seconds) in shared.health.stuck_seconds() {
+                        shared.metrics.partition_stuck_seconds
+                            .with_label_values(&[&topic, &partition.to_string()])
+                            .set(seconds);
+                    }
+                    if lag_measured.elapsed() > Duration::from_secs(10) {
+                        lag_measured = Instant::now();
+                        let consumer = shared.consumer.clone();
+                        let gauge = shared.metrics.consumer_lag.clone();
+                        tokio::task::spawn_blocking(move || {
+                            if let Ok(lag) = consumer_lag(&consumer) {
+                                gauge.set(lag);
+                            }
+                        });
+                    }
                 }
-                Outcome::Applied => {}
+                received = shared.consumer.recv() => match received {
+                    Ok(message) => {
+                        backoff = shared.settings.backoff_initial;
+                        let record = self.detach(&message);
+                        drop(message);
+                        let key = (record.topic.clone(), record.partition);
+                        let task = partitions.entry(key.clone()).or_insert_with(|| {
+                            let queue = Arc::new(Queue::default());
+                            let (stop, stopped) = watch::channel(false);
+                            tasks.spawn(partition_task(
+                                shared.clone(),
+                                key.clone(),
+                                queue.clone(),
+                                stopped,
+                                shutdown.clone(),
+                                resume_tx.clone(),
+                            ));
+                            PartitionTask { queue, stop }
+                        });
+                        let waiting = task.queue.push(record);
+                        if waiting >= shared.settings.partition_buffer && paused.insert(key.clone()) {
+                            if let Err(e) = shared.consumer.pause(&self.tpl(&key)) {
+                                tracing::warn!(error = %e, topic = %key.0, partition = key.1, "pause failed");
+                                paused.remove(&key);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        errors.warn(&format!("consumer error: {e}; retrying in {backoff:?}"));
+                        tokio::select! {
+                            _ = crate::signal::stopped(&mut stop_signal) => {}
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(shared.settings.backoff_max);
+                    }
+                },
             }
-            let topic = self.kafka.topic(&record.topic);
-            if let Err(e) = self
-                .consumer
-                .store_offset(&topic, record.partition, record.offset)
-            {
-                tracing::warn!(error = %e, "offset store failed (partition revoked?)");
+        };
+        // Stop fetching; every partition finishes what it is applying.
+        for task in partitions.values() {
+            let _ = task.stop.send(true);
+        }
+        let mut failure = result.err();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(e) => failure = failure.or(Some(anyhow::anyhow!("a partition task panicked: {e}"))),
+            }
+        }
+        let consumer = shared.consumer.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            consumer.commit_consumer_state(CommitMode::Sync)
+        })
+        .await;
+        match committed {
+            Ok(Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "final offset commit failed (those records will be read again)"),
+            Err(e) => tracing::warn!(error = %e, "final offset commit did not run"),
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => {
+                tracing::info!("consumer drained: in-flight records finished, offsets committed");
+                Ok(())
             }
         }
     }
+}
+
+/// Applies one partition's records until told to stop.
+async fn partition_task(
+    shared: Arc<Shared>,
+    key: PartitionKey,
+    queue: Arc<Queue>,
+    mut stop: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+    resume: mpsc::UnboundedSender<PartitionKey>,
+) -> anyhow::Result<()> {
+    loop {
+        if *stop.borrow() || *shutdown.borrow() {
+            return Ok(());
+        }
+        let (records, since) = queue.take(shared.settings.max_batch);
+        let Some(since) = since else {
+            tokio::select! {
+                _ = queue.ready.notified() => {}
+                _ = stop.changed() => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        };
+        shared.health.partition_waiting(&key, since);
+        let started = Instant::now();
+        for r in &records {
+            if let Some(ms) = r.produced_at_ms {
+                let fetched = chrono::Utc::now().timestamp_millis() - ms;
+                shared
+                    .metrics
+                    .stage_seconds
+                    .with_label_values(&["fetch"])
+                    .observe(fetched.max(0) as f64 / 1000.0);
+            }
+        }
+        let Some(outcomes) = apply_with_retries(&shared, &key, &records, &mut stop, &mut shutdown).await
+        else {
+            // Stopped while retrying: these offsets stay uncommitted and are read again.
+            return Ok(());
+        };
+        shared
+            .metrics
+            .handler_seconds
+            .observe(started.elapsed().as_secs_f64());
+        shared
+            .metrics
+            .stage_seconds
+            .with_label_values(&["committed"])
+            .observe(started.elapsed().as_secs_f64());
+        shared.outbox_written.notify_one();
+        if !settle(&shared, &records, &outcomes, &mut stop, &mut shutdown).await {
+            return Ok(());
+        }
+        let (left, oldest) = queue.oldest();
+        shared.health.partition_progress(&key, oldest);
+        if left < shared.settings.partition_buffer / 2 {
+            let _ = resume.send(key.clone());
+        }
+    }
+}
+
+/// Applies `records`, retrying transient failures with capped backoff; `None`
+/// when told to stop first.
+async fn apply_with_retries(
+    shared: &Shared,
+    key: &PartitionKey,
+    records: &[Record],
+    stop: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Vec<Outcome>> {
+    let prepared: Vec<_> = records.iter().map(prepare).collect();
+    let mut backoff = shared.settings.backoff_initial;
+    loop {
+        match shared.applier.apply(&prepared).await {
+            Ok(outcomes) => return Some(outcomes),
+            Err(e) => {
+                shared
+                    .metrics
+                    .apply_retries
+                    .with_label_values(&[e.class()])
+                    .inc();
+                shared.retries.warn(&format!(
+                    "applying {} record(s) of {}[{}] failed: {e}; retrying in {backoff:?}",
+                    records.len(),
+                    key.0,
+                    key.1
+                ));
+                tokio::select! {
+                    _ = crate::signal::stopped(stop) => return None,
+                    _ = crate::signal::stopped(shutdown) => return None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(shared.settings.backoff_max);
+            }
+        }
+    }
+}
+
+/// Dead-letters what needs it, counts, and stores the offset of the last
+/// record. False when told to stop before every letter was acknowledged (the
+/// offsets then stay where they were).
+async fn settle(
+    shared: &Shared,
+    records: &[Record],
+    outcomes: &[Outcome],
+    stop: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    for (record, outcome) in records.iter().zip(outcomes) {
+        shared
+            .metrics
+            .messages
+            .with_label_values(&[record.topic.as_str(), outcome.verdict.label()])
+            .inc();
+        match &outcome.verdict {
+            Verdict::DeadLetter { reason, error } => {
+                tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, reason, error, "dead-lettering");
+                let mut wait = shared.settings.backoff_initial;
+                loop {
+                    match shared.dead_letters.send(record, reason, error).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            shared.retries.warn(&format!(
+                                "dead-letter publish for {}[{}]@{} failed: {e}; retrying in {wait:?}",
+                                record.topic, record.partition, record.offset
+                            ));
+                            tokio::select! {
+                                _ = crate::signal::stopped(stop) => return false,
+                                _ = crate::signal::stopped(shutdown) => return false,
+                                _ = tokio::time::sleep(wait) => {}
+                            }
+                            wait = (wait * 2).min(shared.settings.backoff_max);
+                        }
+                    }
+                }
+                shared
+                    .metrics
+                    .dead_letters
+                    .with_label_values(&[reason])
+                    .inc();
+            }
+            Verdict::Ignored(why) => {
+                tracing::info!(topic = %record.topic, offset = record.offset, why, "ignored");
+            }
+            Verdict::Duplicate => {
+                shared.metrics.duplicates.inc();
+                tracing::debug!(topic = %record.topic, offset = record.offset, "duplicate skipped");
+            }
+            Verdict::Applied => {}
+        }
+    }
+    if let Some(last) = records.last() {
+        let topic = shared.kafka.topic(&last.topic);
+        if let Err(e) = shared
+            .consumer
+            .store_offset(&topic, last.partition, last.offset)
+        {
+            tracing::debug!(error = %e, "offset not stored (partition revoked?)");
+        }
+    }
+    true
+}
+
+/// Records behind the high watermark over the consumer's assigned partitions.
+fn consumer_lag(consumer: &BosConsumer) -> rdkafka::error::KafkaResult<i64> {
+    let positions = consumer.position()?;
+    let mut lag = 0;
+    for element in positions.elements() {
+        let (_, high) = consumer.fetch_watermarks(
+            element.topic(),
+            element.partition(),
+            Duration::from_secs(2),
+        )?;
+        if let Offset::Offset(position) = element.offset() {
+            lag += (high - position).max(0);
+        }
+    }
+    Ok(lag)
 }

@@ -6,28 +6,42 @@
 //! Data flows one way:
 //!
 //! ```text
-//! Kafka ─▶ decode (contracts) ─▶ load (store) ─▶ decide (domain, pure)
-//!       ─▶ one transaction: state + outbox rows + inbox row (store)
-//!       ─▶ commit offset;           outbox relay ─▶ Kafka
+//! Kafka ─▶ consumer (a task per partition) ─▶ apply: decode, load (one read),
+//!          inbox look-up (one read), decide (domain, pure), commit (one
+//!          transaction: batch rows version-checked + inbox + outbox rows)
+//!       ─▶ store the offset;            outbox relay ─▶ Kafka
 //! ```
 //!
-//! - [`contracts`]: wire types only, with the exact names other services use.
-//! - [`domain`]: the rules as a pure function of state, event, clock and ids.
-//! - [`store`]: the repository trait, with PostgreSQL and in-memory implementations
-//!   that share one contract test suite.
+//! - [`contracts`]: wire types only, with the exact names other services use,
+//!   and the checks the platform's own models make.
+//! - [`domain`]: the rules as a pure function of state, event, clock, ids and
+//!   credit answers.
+//! - [`apply`]: planning a poll's records (pure) and committing them, with
+//!   error classification and isolation of records the database refuses.
+//! - [`store`]: the repository trait, with PostgreSQL and in-memory
+//!   implementations that share one contract test suite.
+//! - [`consumer`], [`outbox`], [`kafka`]: Kafka in (with dead letters), Kafka
+//!   out (the relay and housekeeping), and how the clients are configured.
+//! - [`http`], [`health`], [`metrics`], [`credits`], [`config`], [`telemetry`],
+//!   [`app`]: the edges; [`app::Application`] wires them for every entry point.
+//! - [`ops`]: operator commands (batch, outbox and dead-letter inspection,
+//!   replay, the import from the original service, the shadow report).
+//! - [`sim`]: the demo, the benchmark and the simulated upstream services —
+//!   not part of the worker.
 
 pub mod app;
-pub mod bench;
+pub mod apply;
 pub mod config;
 pub mod consumer;
 pub mod contracts;
-pub mod demo;
-pub mod dlq;
+pub mod credits;
 pub mod domain;
-pub mod embedded;
+pub mod health;
 pub mod http;
+pub mod kafka;
 pub mod metrics;
 pub mod outbox;
+pub mod signal;
 pub mod store;
 pub mod telemetry;
-pub mod upstream;
+pub mod throttle;

@@ -1,110 +1,155 @@
-//! The outbox relay: leases unpublished rows, produces them with an idempotent
-//! producer, and marks them published only after the broker acknowledged them.
+//! Kafka out: the outbox relay. Each pass leases a bounded number of rows
+//! (keeping each key's order), hands them all to the idempotent producer in
+//! order without waiting between them (the producer keeps each partition's
+//! order, and a gap in a sequence is a fatal error that replaces the producer
+//! instead of reordering), waits for the acknowledgements, and marks the rows
+//! it still holds. The lease is renewed while the pass runs. Housekeeping
+//! (backlog figures, purges of published rows and old inbox rows) runs on its
+//! own timer, busy or not.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio::sync::watch;
+use rdkafka::producer::FutureRecord;
+use tokio::sync::{watch, Notify};
 use uuid::Uuid;
 
 use crate::config::{KafkaSettings, RelaySettings};
 use crate::contracts::topics::SOURCE_SERVICE;
 use crate::contracts::{time, Timestamp};
-use crate::metrics::Metrics;
-use crate::store::{OutboxRow, Repository, StoreResult};
-
-/// An idempotent producer (`enable.idempotence=true`, `acks=all`).
-pub fn idempotent_producer(kafka: &KafkaSettings) -> rdkafka::error::KafkaResult<FutureProducer> {
-    let mut config = kafka.client_config();
-    config
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000");
-    config.create()
-}
+use crate::health::Health;
+use crate::kafka::ProducerHandle;
+use crate::metrics::{Metrics, SERVICE};
+use crate::store::{OutboxRow, PublishFailure, Repository, StoreResult};
+use crate::throttle::Throttled;
 
 /// The Kafka headers of a published row.
 pub fn headers(row: &OutboxRow) -> OwnedHeaders {
     let event_id = row.id.to_string();
     let trace_id = row.correlation_id.to_string();
     let occurred_at = time::format(&row.created_at);
-    let headers = OwnedHeaders::new()
-        .insert(Header {
-            key: "event_id",
-            value: Some(event_id.as_str()),
-        })
-        .insert(Header {
-            key: "event_type",
-            value: Some(row.event_type.as_str()),
-        })
-        .insert(Header {
-            key: "trace_id",
-            value: Some(trace_id.as_str()),
-        })
-        .insert(Header {
-            key: "source_service",
-            value: Some(SOURCE_SERVICE),
-        })
-        .insert(Header {
-            key: "schema_version",
-            value: Some("1"),
-        })
-        .insert(Header {
-            key: "occurred_at",
-            value: Some(occurred_at.as_str()),
-        })
-        .insert(Header {
-            key: "content_type",
-            value: Some("application/json"),
+    let mut headers = OwnedHeaders::new_with_capacity(8);
+    for (key, value) in [
+        ("event_id", event_id.as_str()),
+        ("event_type", row.event_type.as_str()),
+        ("trace_id", trace_id.as_str()),
+        ("source_service", SOURCE_SERVICE),
+        ("schema_version", "1"),
+        ("occurred_at", occurred_at.as_str()),
+        ("content_type", "application/json"),
+    ] {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
         });
-    match &row.traceparent {
-        Some(tp) => headers.insert(Header {
+    }
+    if let Some(tp) = &row.traceparent {
+        headers = headers.insert(Header {
             key: "traceparent",
             value: Some(tp.as_str()),
-        }),
-        None => headers,
+        });
     }
-}
-
-/// Publishes the outbox.
-pub struct Relay {
-    repo: Arc<dyn Repository>,
-    producer: FutureProducer,
-    kafka: KafkaSettings,
-    settings: RelaySettings,
-    metrics: Arc<Metrics>,
+    headers
 }
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pass {
+    pub claimed: usize,
     pub published: usize,
     pub failed: usize,
+}
+
+/// A wake-up source for the relay.
+#[async_trait::async_trait]
+pub trait Wake: Send {
+    async fn wait(&mut self);
+}
+
+/// Waits on `LISTEN bos_outbox` (rows committed by any process).
+pub struct PgWake(sqlx::postgres::PgListener);
+
+impl PgWake {
+    pub async fn listen(pool: &sqlx::PgPool) -> Result<Self, sqlx::Error> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        listener.listen("bos_outbox").await?;
+        Ok(Self(listener))
+    }
+}
+
+#[async_trait::async_trait]
+impl Wake for PgWake {
+    async fn wait(&mut self) {
+        // A lost connection is re-established by the listener; notifications sent
+        // meanwhile are lost, so wake up (and look) after it comes back.
+        if let Err(e) = self.0.recv().await {
+            tracing::debug!(error = %e, "outbox listener interrupted");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Wakes on an in-process notification (commits of this process).
+pub struct NotifyWake(pub Arc<Notify>);
+
+#[async_trait::async_trait]
+impl Wake for NotifyWake {
+    async fn wait(&mut self) {
+        self.0.notified().await;
+    }
+}
+
+/// Either of two wake-ups.
+pub struct BothWake(pub Box<dyn Wake>, pub Box<dyn Wake>);
+
+#[async_trait::async_trait]
+impl Wake for BothWake {
+    async fn wait(&mut self) {
+        tokio::select! {
+            () = self.0.wait() => {}
+            () = self.1.wait() => {}
+        }
+    }
+}
+
+/// Publishes the outbox.
+pub struct Relay {
+    pub id: Uuid,
+    repo: Arc<dyn Repository>,
+    producer: Arc<ProducerHandle>,
+    kafka: KafkaSettings,
+    settings: RelaySettings,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    errors: Throttled,
 }
 
 impl Relay {
     pub fn new(
         repo: Arc<dyn Repository>,
-        producer: FutureProducer,
+        producer: Arc<ProducerHandle>,
         kafka: KafkaSettings,
         settings: RelaySettings,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
     ) -> Self {
         Self {
+            id: Uuid::new_v4(),
             repo,
             producer,
             kafka,
             settings,
             metrics,
+            health,
+            errors: Throttled::new(Duration::from_secs(10)),
         }
     }
 
     fn backoff(&self, attempts: i32) -> chrono::Duration {
-        let factor = 2u32.saturating_pow(attempts.clamp(0, 20) as u32);
+        let factor = 2u32.saturating_pow(u32::try_from(attempts.clamp(0, 20)).unwrap_or(20));
         let delay = self
             .settings
             .retry_initial
@@ -113,125 +158,172 @@ impl Relay {
         chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX)
     }
 
-    async fn produce(&self, row: &OutboxRow) -> Result<(), String> {
-        let topic = self.kafka.topic(&row.topic);
-        let payload = row.payload.to_string();
-        let record = FutureRecord::to(&topic)
-            .key(&row.key)
-            .payload(&payload)
-            .headers(headers(row));
-        self.producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e.to_string())
+    fn stage(&self, stage: &str, took: Duration) {
+        self.metrics
+            .stage_seconds
+            .with_label_values(&[stage])
+            .observe(took.as_secs_f64());
     }
 
     /// One claim → produce → settle pass.
     pub async fn publish_once(&self) -> StoreResult<Pass> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let rows = self
             .repo
-            .claim_outbox(self.settings.batch_size, self.settings.lease)
+            .claim_outbox(self.id, self.settings.batch_size, self.settings.lease)
             .await?;
         if rows.is_empty() {
             return Ok(Pass::default());
         }
-        // Keys publish concurrently; the rows of one key one after another, and
-        // a key stops at its first failure so nothing overtakes the failed row.
-        let mut by_key: Vec<Vec<&OutboxRow>> = Vec::new();
-        let mut index: std::collections::HashMap<&str, usize> = Default::default();
-        for row in &rows {
-            let slot = *index.entry(row.key.as_str()).or_insert_with(|| {
-                by_key.push(Vec::new());
-                by_key.len() - 1
-            });
-            by_key[slot].push(row);
-        }
-        let chains = by_key.into_iter().map(|chain| async move {
-            let mut results = Vec::with_capacity(chain.len());
-            let mut failed = false;
-            for row in chain {
-                let result = if failed {
-                    None
-                } else {
-                    Some(self.produce(row).await)
-                };
-                failed |= matches!(result, Some(Err(_)));
-                results.push((row, result));
-            }
-            results
-        });
-        let now: Timestamp = chrono::Utc::now();
-        let (mut published, mut failed, mut released): (Vec<Uuid>, Vec<_>, Vec<Uuid>) =
-            Default::default();
-        for (row, result) in join_all(chains).await.into_iter().flatten() {
-            match result {
-                Some(Ok(())) => published.push(row.id),
-                Some(Err(error)) => {
-                    tracing::warn!(event_id = %row.id, topic = %row.topic, %error, "publish failed; will retry");
-                    failed.push((row.id, error, now + self.backoff(row.attempts)));
-                }
-                None => released.push(row.id),
-            }
-        }
-        self.repo
-            .settle_outbox(&published, &failed, &released)
-            .await?;
+        self.stage("claimed", started.elapsed());
+        self.health.relay_pass_started();
+        let result = self.publish_rows(&rows).await;
+        self.health.relay_pass_ended();
         self.metrics
-            .relay_publish_seconds
+            .relay_pass_seconds
             .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn publish_rows(&self, rows: &[OutboxRow]) -> StoreResult<Pass> {
+        // Keep the lease while the acknowledgements come in.
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let (done_tx, mut done_rx) = watch::channel(false);
+        let renewer = {
+            let repo = self.repo.clone();
+            let relay = self.id;
+            let lease = self.settings.lease;
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(lease / 3);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = done_rx.changed() => return,
+                        _ = tick.tick() => {
+                            if let Err(e) = repo.renew_outbox_lease(relay, &ids, lease).await {
+                                tracing::warn!(error = %e, "could not renew the outbox lease");
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        let sent = Instant::now();
+        let producer = self.producer.get();
+        let topics: Vec<String> = rows.iter().map(|r| self.kafka.topic(&r.topic)).collect();
+        // Enqueue in order; a key whose row could not be enqueued sends nothing after it.
+        let mut blocked: HashMap<&str, String> = HashMap::new();
+        let mut pending = Vec::with_capacity(rows.len());
+        for (row, topic) in rows.iter().zip(&topics) {
+            if let Some(error) = blocked.get(row.key.as_str()) {
+                pending.push(Err((error.clone(), false)));
+                continue;
+            }
+            let record = FutureRecord::to(topic)
+                .key(&row.key)
+                .payload(row.payload.as_bytes())
+                .headers(headers(row));
+            match producer.send_result(record) {
+                Ok(delivery) => pending.push(Ok(delivery)),
+                Err((e, _)) => {
+                    blocked.insert(&row.key, e.to_string());
+                    pending.push(Err((e.to_string(), true)));
+                }
+            }
+        }
+        let deliveries = join_all(pending.into_iter().map(|p| async move {
+            match p {
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err((e.to_string(), true)),
+                    Err(_) => Err(("delivery report lost".to_owned(), true)),
+                },
+                Err(e) => Err(e),
+            }
+        }))
+        .await;
+        self.stage("acknowledged", sent.elapsed());
+        let acked_at = chrono::Utc::now();
+        if deliveries.iter().any(Result::is_err) {
+            self.producer.replace_if_fatal(&producer);
+        } else {
+            self.producer.mark_sent();
+        }
+        let now: Timestamp = chrono::Utc::now();
+        let (mut published, mut failed, mut released) = (Vec::new(), Vec::new(), Vec::new());
+        for (row, result) in rows.iter().zip(deliveries) {
+            match result {
+                Ok(()) => {
+                    published.push(row.id);
+                    let age = (acked_at - row.created_at).num_microseconds().unwrap_or(0);
+                    self.stage("committed_to_acknowledged", Duration::from_micros(u64::try_from(age.max(0)).unwrap_or(0)));
+                    self.metrics
+                        .outbox_events_published
+                        .with_label_values(&[SERVICE, &row.event_type])
+                        .inc();
+                }
+                Err((error, true)) => {
+                    self.errors.warn(&format!(
+                        "publish of {} to {} failed: {error}; will retry",
+                        row.id, row.topic
+                    ));
+                    failed.push(PublishFailure {
+                        id: row.id,
+                        error,
+                        next_attempt_at: now + self.backoff(row.attempts),
+                    });
+                }
+                Err((_, false)) => released.push(row.id),
+            }
+        }
+        let marking = Instant::now();
+        let settled = self
+            .repo
+            .settle_outbox(self.id, &published, &failed, &released)
+            .await;
+        let _ = done_tx.send(true);
+        let _ = renewer.await;
+        let settled = settled?;
+        self.stage("marked", marking.elapsed());
+        let expected = (published.len() + failed.len() + released.len()) as u64;
+        if settled < expected {
+            self.metrics.relay_lease_lost.inc_by(expected - settled);
+            tracing::warn!(
+                lost = expected - settled,
+                "another relay took over rows this relay published; they are published again (same event ids)"
+            );
+        }
         self.metrics.relay_published.inc_by(published.len() as u64);
         self.metrics.relay_failures.inc_by(failed.len() as u64);
         Ok(Pass {
+            claimed: rows.len(),
             published: published.len(),
             failed: failed.len(),
         })
     }
 
-    /// Deletes published rows past their retention, in small batches.
-    pub async fn purge(&self) -> StoreResult<u64> {
-        let before = chrono::Utc::now()
-            - chrono::Duration::from_std(self.settings.retention).unwrap_or(chrono::Duration::MAX);
-        self.repo
-            .purge_outbox(before, self.settings.purge_batch)
-            .await
-    }
-
-    /// Runs until `shutdown` turns true. `wake` is notified when rows are inserted.
-    pub async fn run(self, mut wake: Box<dyn Wake>, mut shutdown: watch::Receiver<bool>) {
-        let mut last_purge = std::time::Instant::now();
-        let mut last_stats: Option<std::time::Instant> = None;
+    /// Runs until `shutdown` turns true (finishing the pass in progress).
+    pub async fn run(
+        self,
+        mut wake: Box<dyn Wake>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
         let mut errors = 0u32;
+        let mut woke = Instant::now();
         while !*shutdown.borrow() {
             match self.publish_once().await {
-                Ok(pass) if pass.published + pass.failed > 0 => {
+                Ok(pass) => {
                     errors = 0;
-                    continue;
+                    if pass.claimed > 0 {
+                        self.stage("relay_woke", Duration::ZERO.max(woke.elapsed()));
+                        woke = Instant::now();
+                        continue;
+                    }
                 }
-                Ok(_) => errors = 0,
                 Err(e) => {
                     errors += 1;
-                    tracing::warn!(error = %e, "outbox pass failed");
-                }
-            }
-            // Backlog figures at most every 15 s: an idle relay asks almost nothing.
-            if last_stats.is_none_or(|t| t.elapsed() > Duration::from_secs(15)) {
-                last_stats = Some(std::time::Instant::now());
-                match self.repo.outbox_stats().await {
-                    Ok(stats) => {
-                        self.metrics.outbox_backlog.set(stats.unpublished);
-                        self.metrics
-                            .outbox_oldest_age_seconds
-                            .set(stats.oldest_unpublished_age_seconds);
-                    }
-                    Err(e) => tracing::debug!(error = %e, "outbox stats unavailable"),
-                }
-            }
-            if last_purge.elapsed() > Duration::from_secs(60) {
-                last_purge = std::time::Instant::now();
-                if let Err(e) = self.purge().await {
-                    tracing::warn!(error = %e, "outbox purge failed");
+                    self.errors.warn(&format!("outbox pass failed: {e}"));
                 }
             }
             let wait = if errors > 0 {
@@ -244,46 +336,87 @@ impl Relay {
             };
             tokio::select! {
                 _ = shutdown.changed() => {}
-                _ = wake.wait() => {}
-                _ = tokio::time::sleep(wait) => {}
+                () = wake.wait() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+            woke = Instant::now();
+        }
+        self.producer.flush(Duration::from_secs(5));
+        Ok(())
+    }
+}
+
+/// Backlog figures and purges, on their own timer.
+pub struct Housekeeping {
+    pub repo: Arc<dyn Repository>,
+    pub settings: RelaySettings,
+    pub metrics: Arc<Metrics>,
+}
+
+/// How many purge statements one housekeeping round may run per table.
+const PURGE_ROUNDS: usize = 20;
+
+impl Housekeeping {
+    /// One round: backlog gauges, then bounded purges of published outbox rows
+    /// and of inbox rows past their retention.
+    pub async fn once(&self) -> StoreResult<(u64, u64)> {
+        let stats = self.repo.outbox_stats().await?;
+        self.metrics.outbox_backlog.set(stats.unpublished);
+        self.metrics
+            .outbox_oldest_age_seconds
+            .set(stats.oldest_unpublished_age_seconds);
+        self.metrics.outbox_failing.set(stats.failing);
+        self.metrics
+            .outbox_queue_depth
+            .with_label_values(&[SERVICE])
+            .set(stats.unpublished);
+        let now = chrono::Utc::now();
+        let ago = |d: Duration| now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        let mut outbox = 0;
+        for _ in 0..PURGE_ROUNDS {
+            let n = self
+                .repo
+                .purge_outbox(ago(self.settings.retention), self.settings.purge_batch)
+                .await?;
+            outbox += n;
+            if n < u64::try_from(self.settings.purge_batch).unwrap_or(0) {
+                break;
             }
         }
-    }
-}
-
-/// A wake-up source for the relay (PostgreSQL `LISTEN`, or an in-process signal).
-#[async_trait::async_trait]
-pub trait Wake: Send {
-    async fn wait(&mut self);
-}
-
-/// Waits on `LISTEN bos_outbox`.
-pub struct PgWake(pub sqlx::postgres::PgListener);
-
-#[async_trait::async_trait]
-impl Wake for PgWake {
-    async fn wait(&mut self) {
-        if let Err(e) = self.0.recv().await {
-            tracing::warn!(error = %e, "outbox listener failed; relying on the poll");
-            std::future::pending::<()>().await;
+        let mut inbox = 0;
+        for _ in 0..PURGE_ROUNDS {
+            let n = self
+                .repo
+                .purge_inbox(ago(self.settings.inbox_retention), self.settings.purge_batch)
+                .await?;
+            inbox += n;
+            if n < u64::try_from(self.settings.purge_batch).unwrap_or(0) {
+                break;
+            }
         }
+        self.metrics
+            .purged
+            .with_label_values(&["event_outbox"])
+            .inc_by(outbox);
+        self.metrics
+            .purged
+            .with_label_values(&["processed_events"])
+            .inc_by(inbox);
+        Ok((outbox, inbox))
     }
-}
 
-impl PgWake {
-    pub async fn listen(pool: &sqlx::PgPool) -> Result<Self, sqlx::Error> {
-        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
-        listener.listen("bos_outbox").await?;
-        Ok(Self(listener))
-    }
-}
-
-/// Wakes on an in-process notification (the in-memory store).
-pub struct NotifyWake(pub Arc<tokio::sync::Notify>);
-
-#[async_trait::async_trait]
-impl Wake for NotifyWake {
-    async fn wait(&mut self) {
-        self.0.notified().await;
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(self.settings.housekeeping_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = crate::signal::stopped(&mut shutdown) => return Ok(()),
+                _ = tick.tick() => {
+                    if let Err(e) = self.once().await {
+                        tracing::warn!(error = %e, "housekeeping round failed; next one in {:?}", self.settings.housekeeping_interval);
+                    }
+                }
+            }
+        }
     }
 }

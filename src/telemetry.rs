@@ -27,22 +27,27 @@ impl Drop for Telemetry {
     }
 }
 
-/// Installs the global subscriber. `RUST_LOG` filters; `json` switches log lines to JSON.
-pub fn init(json: bool) -> anyhow::Result<Telemetry> {
+/// Installs the global subscriber: `RUST_LOG` filters (else `log.level`),
+/// `log.format` chooses text or JSON lines, and spans are exported over OTLP
+/// when `telemetry.otlp_endpoint` is set.
+pub fn init(log: &crate::config::LogSettings, otlp_endpoint: &str) -> anyhow::Result<Telemetry> {
+    let json = log.format == crate::config::LogFormat::Json;
     let mut builder = SdkTracerProvider::builder().with_resource(
         Resource::builder()
             .with_service_name("batch_orchestrator_service")
             .build(),
     );
-    if std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|e| !e.is_empty()) {
+    if !otlp_endpoint.trim().is_empty() {
+        use opentelemetry_otlp::WithExportConfig;
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
+            .with_endpoint(otlp_endpoint.trim())
             .build()?;
         builder = builder.with_batch_exporter(exporter);
     }
     let provider = builder.build();
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("bos"));
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
     let fmt = if json {
         tracing_subscriber::fmt::layer().json().boxed()
     } else {
@@ -86,7 +91,7 @@ mod tests {
             let span = tracing::info_span!("event");
             continue_trace(&span, Some(INCOMING))
         })
-        .expect("a traceparent");
+        .unwrap();
         let parts: Vec<&str> = outgoing.split('-').collect();
         assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace");
         assert_ne!(parts[2], "00f067aa0ba902b7", "a span of our own");

@@ -116,7 +116,8 @@ pub struct StudentAssociation {
     pub confidence_score: f64,
     pub validation_method: String,
     pub validated_by: Option<String>,
-    #[serde(with = "time")]
+    /// The platform defaults an absent time to now.
+    #[serde(default = "now", with = "time")]
     pub validated_at: Timestamp,
 }
 

@@ -61,6 +61,26 @@ impl Batch {
         self.essays.iter().find(|e| e.essay_id == essay_id)
     }
 
+    /// Replaces the stored essays, keeping the corrected text of every essay
+    /// whose original text is unchanged (spellcheck's output stays valid).
+    pub fn replace_essays(&mut self, refs: &[EssayRef]) {
+        let essays = refs
+            .iter()
+            .map(|r| {
+                let mut essay = BatchEssay::from_ref(r);
+                if let Some(old) = self.essay(&r.essay_id) {
+                    if old.text_storage_id == r.text_storage_id {
+                        essay
+                            .corrected_text_storage_id
+                            .clone_from(&old.corrected_text_storage_id);
+                    }
+                }
+                essay
+            })
+            .collect();
+        self.essays = essays;
+    }
+
     pub fn is_terminal(&self) -> bool {
         matches!(
             self.status,
@@ -222,6 +242,9 @@ pub struct Orchestration {
     pub earlier_runs: Vec<Uuid>,
     /// Essays that failed each phase the last time it ended.
     pub phase_failures: BTreeMap<PhaseName, Vec<String>>,
+    /// Essays that came through each phase the last time it ended.
+    #[serde(default)]
+    pub phase_survivors: BTreeMap<PhaseName, Vec<String>>,
 }
 
 /// One pipeline run in progress.
@@ -237,6 +260,9 @@ pub struct Run {
     pub current: usize,
     /// Essays sent to each phase dispatched so far.
     pub dispatched: BTreeMap<PhaseName, Vec<String>>,
+    /// Essays that came through each phase of this run that has ended.
+    #[serde(default)]
+    pub survivors: BTreeMap<PhaseName, Vec<String>>,
     pub user_id: String,
 }
 

@@ -8,7 +8,8 @@ use crate::contracts::topics::SOURCE_SERVICE;
 use crate::contracts::{Envelope, Timestamp};
 
 /// One message to publish through the outbox. `event_id` is fixed here and never
-/// changes, so a re-publish is an exact duplicate.
+/// changes, and `payload` holds the exact bytes to send, so a re-publish is an
+/// exact duplicate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboundMessage {
     pub event_id: Uuid,
@@ -19,8 +20,15 @@ pub struct OutboundMessage {
     pub correlation_id: Uuid,
     pub occurred_at: Timestamp,
     pub traceparent: Option<String>,
-    /// The whole envelope as JSON.
-    pub envelope: Value,
+    /// The whole envelope, as JSON text.
+    pub payload: String,
+}
+
+impl OutboundMessage {
+    /// The envelope as a JSON value.
+    pub fn envelope(&self) -> Value {
+        serde_json::from_str(&self.payload).unwrap_or(Value::Null)
+    }
 }
 
 /// Ids and context shared by every message one decision publishes.
@@ -59,7 +67,9 @@ impl MessageContext<'_> {
             correlation_id: self.correlation_id,
             occurred_at: self.now,
             traceparent: self.traceparent.clone(),
-            envelope: serde_json::to_value(envelope).expect("wire types always encode"),
+            // Wire types are plain data (string keys, finite numbers): encoding cannot fail.
+            payload: serde_json::to_string(&envelope)
+                .unwrap_or_else(|e| unreachable!("wire types always encode: {e}")),
         }
     }
 }

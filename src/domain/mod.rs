@@ -1,4 +1,4 @@
-//! The pure state machine: `(batch, event, now, ids) -> (batch, messages)`.
+//! The pure state machine: `(batch, event, now, ids, credit answers) -> decision`.
 //! Nothing here does I/O; Kafka, SQL and HTTP are plumbing around it.
 
 pub mod batch;
@@ -8,10 +8,12 @@ pub mod rules;
 
 pub use batch::*;
 pub use message::{MessageContext, OutboundMessage};
-pub use policy::{AllowAll, CreditPolicy, CreditVerdict, FixedBalance, PhaseGraph};
+pub use policy::{
+    credit_breakdown, CreditAnswers, CreditQuery, CreditVerdict, GraphError, PhaseGraph, PhaseNode,
+};
 pub use rules::{
-    Decision, Env, EventMeta, FieldError, IdSource, RandomIds, RegistrationRequest, Resolution,
-    Rules, SequentialIds, Verdict,
+    denial, transitions, valid_prompt_reference, Decision, Effects, Env, EventMeta, FieldError,
+    IdSource, PhaseTransition, RandomIds, RegistrationRequest, Resolution, Rules, SequentialIds,
 };
 
 #[cfg(test)]

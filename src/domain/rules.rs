@@ -1,7 +1,9 @@
-//! The orchestration rules: `(batch, event, now, ids) -> decision`. No I/O.
+//! The orchestration rules: `(batch, event, now, ids, credit answers) -> decision`.
+//! No I/O: when a run would start and the credit policy has not answered yet,
+//! the decision says which question to ask ([`Decision::NeedsCredit`]); the
+//! caller asks and decides again with the answer.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
@@ -11,15 +13,16 @@ use super::batch::{
     PipelineState, Run, ValidationErrorRecord,
 };
 use super::message::{MessageContext, OutboundMessage};
-use super::policy::{credit_breakdown, AllowAll, CreditPolicy, CreditVerdict, PhaseGraph};
+use super::policy::{credit_breakdown, CreditAnswers, CreditQuery, CreditVerdict, PhaseGraph};
 use crate::contracts::topics;
 use crate::contracts::{
     AiFeedbackCommand, BatchEssaysReady, BatchEssaysRegistered, BatchStatus, BatchValidationErrors,
-    CjAssessmentCommand, CommandBase, ContentProvisioningCompleted, CourseCode, EssayRef,
-    InboundEvent, NlpCommand, NotificationCategory, NotificationPriority, PhaseName, PhaseOutcome,
-    PipelineCompleted, PipelineDenied, PipelineExecutionStatus, SpellcheckCommand,
-    StorageReferenceMetadata, StudentAssociationsConfirmed, StudentMatchingCommand,
-    SystemProcessingMetadata, TeacherNotification, Timestamp,
+    CjAssessmentCommand, ClientPipelineRequest, CommandBase, ContentProvisioningCompleted,
+    ContentType, CourseCode, EssayRef, InboundEvent, NlpCommand, NotificationCategory,
+    NotificationPriority, PhaseName, PhaseOutcome, PipelineCompleted, PipelineDenied,
+    PipelineExecutionStatus, SpellcheckCommand, StorageReferenceMetadata,
+    StudentAssociationsConfirmed, StudentMatchingCommand, SystemProcessingMetadata,
+    TeacherNotification, Timestamp,
 };
 
 /// A source of fresh ids, injected so decisions are reproducible in tests.
@@ -48,10 +51,11 @@ impl IdSource for SequentialIds {
     }
 }
 
-/// Time and ids for one decision.
+/// Time, ids and the credit answers known so far, for one decision.
 pub struct Env<'a> {
     pub now: Timestamp,
     pub ids: &'a mut dyn IdSource,
+    pub credits: &'a CreditAnswers,
 }
 
 /// Envelope facts about the consumed event the rules use.
@@ -62,47 +66,66 @@ pub struct EventMeta {
     pub traceparent: Option<String>,
 }
 
-/// What became of an event.
+/// One phase changing status, for the phase-status log.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    /// State changed and/or messages to publish.
-    Applied,
-    /// Does not fit the batch's state: nothing changes (counted as `ignored`).
-    Ignored(String),
-    /// Can never succeed: goes to the dead-letter topic, with no inbox row.
-    DeadLetter { reason: &'static str, error: String },
+pub struct PhaseTransition {
+    pub phase: PhaseName,
+    pub from: PipelineExecutionStatus,
+    pub to: PipelineExecutionStatus,
+    pub correlation_id: Uuid,
+    pub completed_at: Option<Timestamp>,
 }
 
-/// The outcome of one event: the new state (to write with the inbox row) and the
-/// messages to publish with it.
+/// What an event does to its batch.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Decision {
-    pub verdict: Verdict,
-    /// The batch after the event; `None` only for dead letters.
-    pub batch: Option<Batch>,
+pub struct Effects {
+    /// The batch after the event (equal to the batch before when only messages go out).
+    pub batch: Batch,
+    /// The stored batch must be rewritten.
+    pub changed: bool,
     pub messages: Vec<OutboundMessage>,
     /// The essays changed (so the store rewrites them).
     pub essays_changed: bool,
-    /// Remarks worth logging (ids never dispatched, parked requests …).
-    pub notes: Vec<String>,
+    pub transitions: Vec<PhaseTransition>,
     /// The resolved configuration of a run this decision starts.
     pub snapshot: Option<Value>,
+    /// Remarks worth logging (ids never dispatched, parked requests …).
+    pub notes: Vec<String>,
+}
+
+/// The outcome of one event.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // Apply is the common case.
+pub enum Decision {
+    /// State changed and/or messages to publish, with the inbox row.
+    Apply(Effects),
+    /// Does not fit the batch's state: nothing changes, the event counts as processed.
+    Ignore(String),
+    /// Can never succeed: dead letter, no inbox row (so a replay is processed normally).
+    DeadLetter { reason: &'static str, error: String },
+    /// A run would start: the credit policy must answer this first.
+    NeedsCredit(CreditQuery),
 }
 
 impl Decision {
     fn dead_letter(reason: &'static str, error: impl Into<String>) -> Self {
-        Self {
-            verdict: Verdict::DeadLetter {
-                reason,
-                error: error.into(),
-            },
-            batch: None,
-            messages: Vec::new(),
-            essays_changed: false,
-            notes: Vec::new(),
-            snapshot: None,
+        Decision::DeadLetter {
+            reason,
+            error: error.into(),
         }
     }
+}
+
+/// Why a handler stopped early.
+enum Stop {
+    Ignore(String),
+    NeedsCredit(CreditQuery),
+}
+
+type Step = Result<(), Stop>;
+
+fn ignore(reason: String) -> Step {
+    Err(Stop::Ignore(reason))
 }
 
 /// A registration request (HTTP body).
@@ -127,7 +150,7 @@ pub struct RegistrationRequest {
     pub assignment_id: Option<String>,
 }
 
-/// One offending field of a registration.
+/// One offending field of a request.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct FieldError {
     pub field: &'static str,
@@ -141,14 +164,23 @@ impl RegistrationRequest {
             errors.push(FieldError {
                 field,
                 message: message.to_owned(),
-            })
+            });
         };
         if self.expected_essay_count <= 0 {
             fail("expected_essay_count", "must be greater than 0");
         }
+        if self.expected_essay_count > 10_000 {
+            fail("expected_essay_count", "must be at most 10000");
+        }
         if let Some(ids) = &self.essay_ids {
-            if ids.len() as i64 != self.expected_essay_count {
+            if ids.is_empty() {
+                fail("essay_ids", "must not be an empty list");
+            } else if i64::try_from(ids.len()).ok() != Some(self.expected_essay_count) {
                 fail("essay_ids", "length must equal expected_essay_count");
+            }
+            let unique: BTreeSet<&String> = ids.iter().collect();
+            if unique.len() != ids.len() {
+                fail("essay_ids", "must not repeat an id");
             }
         }
         if self.user_id.trim().is_empty() {
@@ -160,8 +192,13 @@ impl RegistrationRequest {
             }
         }
         if let Some(a) = &self.assignment_id {
-            if a.chars().count() > 100 {
+            if a.trim().chars().count() > 100 {
                 fail("assignment_id", "must be at most 100 characters");
+            }
+        }
+        for (field, value) in self.strings() {
+            if value.contains('\0') {
+                fail(field, "must not contain NUL characters");
             }
         }
         if errors.is_empty() {
@@ -170,14 +207,40 @@ impl RegistrationRequest {
             Err(errors)
         }
     }
+
+    fn strings(&self) -> Vec<(&'static str, &str)> {
+        let mut out = vec![("user_id", self.user_id.as_str())];
+        for (field, value) in [
+            ("org_id", &self.org_id),
+            ("class_id", &self.class_id),
+            ("cj_default_llm_model", &self.cj_default_llm_model),
+            ("assignment_id", &self.assignment_id),
+        ] {
+            if let Some(v) = value {
+                out.push((field, v.as_str()));
+            }
+        }
+        for id in self.essay_ids.iter().flatten() {
+            out.push(("essay_ids", id.as_str()));
+        }
+        if let Some(prompt) = &self.student_prompt_ref {
+            for r in prompt.references.values() {
+                out.push(("student_prompt_ref", r.storage_id.as_str()));
+                out.push(("student_prompt_ref", r.path.as_str()));
+            }
+        }
+        out
+    }
 }
 
 /// Denial reasons on `pipeline.denied`.
 pub mod denial {
     pub const UNSUPPORTED_PIPELINE: &str = "unsupported_pipeline";
     pub const BATCH_FAILED: &str = "batch_failed";
+    pub const PROMPT_NOT_ATTACHED: &str = "prompt_not_attached";
     pub const INSUFFICIENT_CREDITS: &str = "insufficient_credits";
-    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const RATE_LIMIT_EXCEEDED: &str = "rate_limit_exceeded";
+    pub const ENTITLEMENTS_UNAVAILABLE: &str = "entitlements_unavailable";
 }
 
 /// Dead-letter reasons the rules produce.
@@ -190,30 +253,24 @@ pub mod dead_letter {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolution {
     pub target: PhaseName,
-    /// Every phase the target needs, in order.
+    /// Every phase the target needs, in order, the target last.
     pub chain: Vec<PhaseName>,
     /// The phases that would run after pruning.
     pub phases: Vec<PhaseName>,
     pub input_essays: Vec<String>,
+    /// Always both resources, zero when unused.
     pub breakdown: BTreeMap<String, i64>,
     pub required_credits: i64,
-    pub verdict: CreditVerdict,
+    /// The question for the credit policy; `None` when nothing is billable.
+    pub credit_query: Option<CreditQuery>,
+    /// Some phase of the chain needs a prompt and none is attached.
+    pub prompt_missing: bool,
 }
 
 /// The rules, with their configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Rules {
     pub graph: PhaseGraph,
-    pub credits: Arc<dyn CreditPolicy>,
-}
-
-impl Default for Rules {
-    fn default() -> Self {
-        Self {
-            graph: PhaseGraph::default(),
-            credits: Arc::new(AllowAll),
-        }
-    }
 }
 
 /// Collects the messages of one decision.
@@ -224,9 +281,33 @@ struct Out<'a> {
     snapshot: Option<Value>,
 }
 
+/// Whether a prompt is attached: the batch's, or the one a request brings.
+fn prompt_attached(context: &BatchContext) -> bool {
+    context.student_prompt_ref.is_some()
+        || context
+            .assignment_id
+            .as_deref()
+            .is_some_and(|a| !a.trim().is_empty())
+}
+
+/// The batch context as a started request leaves it: `assignment_id` stored,
+/// `cms_prompt_ref` replacing the prompt reference.
+fn with_prompt(context: &BatchContext, request: &ClientPipelineRequest) -> BatchContext {
+    let mut context = context.clone();
+    if let Some(prompt) = &request.prompt_payload {
+        if let Some(assignment_id) = &prompt.assignment_id {
+            context.assignment_id = Some(assignment_id.clone());
+        }
+        if let Some(prompt_ref) = &prompt.cms_prompt_ref {
+            context.student_prompt_ref = Some(prompt_ref.clone());
+        }
+    }
+    context
+}
+
 impl Rules {
-    pub fn new(graph: PhaseGraph, credits: Arc<dyn CreditPolicy>) -> Self {
-        Self { graph, credits }
+    pub fn new(graph: PhaseGraph) -> Self {
+        Self { graph }
     }
 
     // ------------------------------------------------------------ registration
@@ -237,7 +318,7 @@ impl Rules {
         request: &RegistrationRequest,
         correlation_id: Uuid,
         env: &mut Env<'_>,
-    ) -> Result<Decision, Vec<FieldError>> {
+    ) -> Result<Effects, Vec<FieldError>> {
         request.validate()?;
         let batch_id = env.ids.next_id().to_string();
         let essay_ids: Vec<String> = (0..request.expected_essay_count)
@@ -246,13 +327,19 @@ impl Rules {
         let context = BatchContext {
             course_code: request.course_code,
             expected_essay_count: request.expected_essay_count,
-            user_id: request.user_id.clone(),
+            user_id: request.user_id.trim().to_owned(),
             org_id: request.org_id.clone(),
-            class_id: request.class_id.clone(),
+            class_id: request.class_id.clone().filter(|c| !c.trim().is_empty()),
             student_prompt_ref: request.student_prompt_ref.clone(),
             cj_default_llm_model: request.cj_default_llm_model.clone(),
             cj_default_temperature: request.cj_default_temperature,
-            assignment_id: request.assignment_id.clone(),
+            // An empty assignment id means none (the platform's models treat it so).
+            assignment_id: request
+                .assignment_id
+                .as_deref()
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(str::to_owned),
             essay_ids: essay_ids.clone(),
             client_essay_ids: request.essay_ids.clone().unwrap_or_default(),
         };
@@ -261,7 +348,6 @@ impl Rules {
             correlation_id,
             status: BatchStatus::AwaitingContentValidation,
             pipeline: PipelineState::initial(&batch_id, env.now),
-            context,
             essays: Vec::new(),
             orchestration: Orchestration::default(),
             parked: None,
@@ -270,6 +356,7 @@ impl Rules {
             created_at: env.now,
             updated_at: env.now,
             completed_at: None,
+            context,
         };
         let ctx = MessageContext {
             batch_id: &batch_id,
@@ -286,10 +373,10 @@ impl Rules {
             essay_ids,
             metadata,
             course_code: request.course_code,
-            student_prompt_ref: request.student_prompt_ref.clone(),
-            user_id: request.user_id.clone(),
-            org_id: request.org_id.clone(),
-            class_id: request.class_id.clone(),
+            student_prompt_ref: batch.context.student_prompt_ref.clone(),
+            user_id: batch.context.user_id.clone(),
+            org_id: batch.context.org_id.clone(),
+            class_id: batch.context.class_id.clone(),
         };
         let message = ctx.message(
             env.ids.next_id(),
@@ -297,19 +384,20 @@ impl Rules {
             registered,
             None,
         );
-        Ok(Decision {
-            verdict: Verdict::Applied,
-            batch: Some(batch),
+        Ok(Effects {
+            batch,
+            changed: true,
             messages: vec![message],
             essays_changed: false,
-            notes: Vec::new(),
+            transitions: Vec::new(),
             snapshot: None,
+            notes: Vec::new(),
         })
     }
 
     // ------------------------------------------------------------ consumed events
 
-    /// Handlers 2–7: one consumed event against the batch as read (`None`: unknown).
+    /// Handlers 2–7: one event against the batch as read (`None`: unknown).
     pub fn decide(
         &self,
         batch: Option<&Batch>,
@@ -335,15 +423,11 @@ impl Rules {
             }
         }
         let mut batch = before.clone();
-        let correlation_id = match event {
-            InboundEvent::PhaseOutcome(o) => o.correlation_id.unwrap_or(meta.correlation_id),
-            _ => meta.correlation_id,
-        };
         let batch_id = before.id.clone();
         let mut out = Out {
             ctx: MessageContext {
                 batch_id: &batch_id,
-                correlation_id,
+                correlation_id: meta.correlation_id,
                 now: env.now,
                 traceparent: meta.traceparent.clone(),
             },
@@ -363,48 +447,48 @@ impl Rules {
                 self.validation_errors(&mut batch, e, meta, &mut out, env)
             }
             InboundEvent::PipelineRequest(e) => {
-                let parked = ParkedRequest {
+                let request = ParkedRequest {
                     event_id: meta.event_id,
                     correlation_id: meta.correlation_id,
                     traceparent: meta.traceparent.clone(),
                     request: e.clone(),
                     parked_at: env.now,
                 };
-                self.pipeline_request(&mut batch, parked, &mut out, env);
-                Ok(())
+                self.pipeline_request(&mut batch, request, &mut out, env)
             }
-            InboundEvent::PhaseOutcome(e) => {
-                self.phase_outcome(&mut batch, e, correlation_id, &mut out, env)
-            }
+            InboundEvent::PhaseOutcome(e) => self.phase_outcome(&mut batch, e, &mut out, env),
         };
-        let Out {
-            messages,
-            notes,
-            snapshot,
-            ..
-        } = out;
         match result {
-            Err(reason) => Decision {
-                verdict: Verdict::Ignored(reason),
-                batch: Some(before.clone()),
-                messages: Vec::new(),
-                essays_changed: false,
-                notes,
-                snapshot: None,
-            },
+            Err(Stop::Ignore(reason)) => Decision::Ignore(reason),
+            Err(Stop::NeedsCredit(query)) => Decision::NeedsCredit(query),
             Ok(()) => {
-                batch.updated_at = env.now;
-                if batch.pipeline != before.pipeline {
-                    batch.pipeline.last_updated = env.now;
-                }
-                Decision {
-                    verdict: Verdict::Applied,
-                    essays_changed: batch.essays != before.essays,
-                    batch: Some(batch),
+                let Out {
                     messages,
                     notes,
                     snapshot,
+                    ctx,
+                } = out;
+                let changed = batch != *before;
+                if changed {
+                    batch.updated_at = env.now;
+                    if batch.pipeline != before.pipeline {
+                        batch.pipeline.last_updated = env.now;
+                    }
                 }
+                let correlation = batch
+                    .orchestration
+                    .current_run
+                    .as_ref()
+                    .map_or(ctx.correlation_id, |r| r.correlation_id);
+                Decision::Apply(Effects {
+                    transitions: transitions(&before.pipeline, &batch.pipeline, correlation),
+                    essays_changed: batch.essays != before.essays,
+                    changed,
+                    batch,
+                    messages,
+                    snapshot,
+                    notes,
+                })
             }
         }
     }
@@ -416,43 +500,51 @@ impl Rules {
         e: &ContentProvisioningCompleted,
         out: &mut Out<'_>,
         env: &mut Env<'_>,
-    ) -> Result<(), String> {
+    ) -> Step {
         if batch.status != BatchStatus::AwaitingContentValidation {
-            return Err(format!("content provisioned while {}", batch.status));
+            return ignore(format!("content provisioned while {}", batch.status));
         }
-        batch.essays = e
-            .essays_for_processing
+        batch.replace_essays(&e.essays_for_processing);
+        let Some(class_id) = batch.context.class_id.clone() else {
+            return self.become_ready(batch, out, env);
+        };
+        batch.status = BatchStatus::AwaitingStudentValidation;
+        let essays: Vec<EssayRef> = batch
+            .essays
             .iter()
-            .map(BatchEssay::from_ref)
+            .map(|e| EssayRef::new(&e.essay_id, &e.text_storage_id))
             .collect();
-        match batch.context.class_id.clone() {
-            None => self.become_ready(batch, out, env),
-            Some(class_id) => {
-                batch.status = BatchStatus::AwaitingStudentValidation;
-                let command = StudentMatchingCommand {
-                    base: command_base(
-                        "batch.student.matching.initiate.command",
-                        &batch.id,
-                        env.now,
-                        batch
-                            .essays
-                            .iter()
-                            .map(|e| EssayRef::new(&e.essay_id, &e.text_storage_id))
-                            .collect(),
-                    ),
-                    class_id,
-                    course_code: batch.context.course_code,
-                };
-                let metadata = command_metadata(batch, out.ctx.traceparent.as_deref());
-                let message = out.ctx.message(
-                    env.ids.next_id(),
-                    topics::STUDENT_MATCHING_COMMAND,
-                    command,
-                    Some(metadata),
-                );
-                out.messages.push(message);
-            }
-        }
+        *batch.pipeline.phase_mut(PhaseName::StudentMatching) = PhaseState {
+            status: PipelineExecutionStatus::DispatchInitiated,
+            essay_counts: EssayCounts {
+                total: len(&essays),
+                pending_dispatch_or_processing: len(&essays),
+                successful: 0,
+                failed: 0,
+            },
+            started_at: Some(env.now),
+            completed_at: None,
+            error_info: None,
+            progress_percentage: 0,
+        };
+        let command = StudentMatchingCommand {
+            base: command_base(
+                "batch.student.matching.initiate.command",
+                &batch.id,
+                env.now,
+                essays,
+            ),
+            class_id,
+            course_code: batch.context.course_code,
+        };
+        let metadata = command_metadata(batch, out.ctx.traceparent.as_deref());
+        let message = out.ctx.message(
+            env.ids.next_id(),
+            topics::STUDENT_MATCHING_COMMAND,
+            command,
+            Some(metadata),
+        );
+        out.messages.push(message);
         Ok(())
     }
 
@@ -460,19 +552,35 @@ impl Rules {
     fn associations_confirmed(
         &self,
         batch: &mut Batch,
-        _e: &StudentAssociationsConfirmed,
+        e: &StudentAssociationsConfirmed,
         out: &mut Out<'_>,
         env: &mut Env<'_>,
-    ) -> Result<(), String> {
+    ) -> Step {
         if batch.status != BatchStatus::AwaitingStudentValidation {
-            return Err(format!("associations confirmed while {}", batch.status));
+            return ignore(format!("associations confirmed while {}", batch.status));
         }
+        let matching = batch.pipeline.phase_mut(PhaseName::StudentMatching);
+        let total = matching.essay_counts.total;
+        let confirmed = len(&e.associations);
+        *matching = PhaseState {
+            status: PipelineExecutionStatus::CompletedSuccessfully,
+            essay_counts: EssayCounts {
+                total,
+                pending_dispatch_or_processing: 0,
+                successful: confirmed.min(total),
+                failed: (total - confirmed).max(0),
+            },
+            started_at: matching.started_at,
+            completed_at: Some(env.now),
+            error_info: None,
+            progress_percentage: 100,
+        };
         if batch.orchestration.essays_ready_received {
-            self.become_ready(batch, out, env);
+            self.become_ready(batch, out, env)
         } else {
             batch.status = BatchStatus::StudentValidationCompleted;
+            Ok(())
         }
-        Ok(())
     }
 
     /// Handler 4 (empty lists are dead-lettered before this).
@@ -482,21 +590,23 @@ impl Rules {
         e: &BatchEssaysReady,
         out: &mut Out<'_>,
         env: &mut Env<'_>,
-    ) -> Result<(), String> {
-        let essays: Vec<BatchEssay> = e.ready_essays.iter().map(BatchEssay::from_ref).collect();
+    ) -> Step {
         match batch.status {
             BatchStatus::StudentValidationCompleted => {
-                batch.essays = essays;
-                self.become_ready(batch, out, env);
+                batch.replace_essays(&e.ready_essays);
+                self.become_ready(batch, out, env)
             }
             BatchStatus::AwaitingStudentValidation => {
-                batch.essays = essays;
+                batch.replace_essays(&e.ready_essays);
                 batch.orchestration.essays_ready_received = true;
+                Ok(())
             }
-            BatchStatus::ReadyForPipelineExecution => batch.essays = essays,
-            other => return Err(format!("essays ready while {other}")),
+            BatchStatus::ReadyForPipelineExecution => {
+                batch.replace_essays(&e.ready_essays);
+                Ok(())
+            }
+            other => ignore(format!("essays ready while {other}")),
         }
-        Ok(())
     }
 
     /// Handler 5.
@@ -507,7 +617,7 @@ impl Rules {
         meta: &EventMeta,
         out: &mut Out<'_>,
         env: &mut Env<'_>,
-    ) -> Result<(), String> {
+    ) -> Step {
         batch.validation_errors.push(ValidationErrorRecord {
             event_id: meta.event_id,
             received_at: env.now,
@@ -523,30 +633,42 @@ impl Rules {
             batch.status = BatchStatus::FailedCritically;
             batch.completed_at = Some(env.now);
             if let Some(parked) = batch.parked.take() {
-                self.deny_outright(batch, &parked, denial::BATCH_FAILED, out, env);
+                self.deny(batch, &parked, denial::BATCH_FAILED, None, out, env);
             }
         }
         Ok(())
     }
 
-    /// Handler 6.
+    /// Handler 6: a request (from Kafka, parked earlier, or a retry over HTTP).
     fn pipeline_request(
         &self,
         batch: &mut Batch,
         request: ParkedRequest,
         out: &mut Out<'_>,
         env: &mut Env<'_>,
-    ) {
-        let target = match PhaseName::parse(&request.request.requested_pipeline) {
-            Some(PhaseName::StudentMatching) | None => {
-                self.deny_outright(batch, &request, denial::UNSUPPORTED_PIPELINE, out, env);
-                return;
+    ) -> Step {
+        let target = match PhaseName::parse(request.request.requested_pipeline.trim()) {
+            Some(target) if self.graph.contains(target) => target,
+            _ => {
+                self.deny(
+                    batch,
+                    &request,
+                    denial::UNSUPPORTED_PIPELINE,
+                    None,
+                    out,
+                    env,
+                );
+                return Ok(());
             }
-            Some(target) => target,
         };
         if batch.is_terminal() {
-            self.deny_outright(batch, &request, denial::BATCH_FAILED, out, env);
-            return;
+            self.deny(batch, &request, denial::BATCH_FAILED, None, out, env);
+            return Ok(());
+        }
+        if request.request.is_retry {
+            if let Some(why) = self.retry_in_flight(batch, target, &request) {
+                return ignore(why);
+            }
         }
         if batch.status != BatchStatus::ReadyForPipelineExecution {
             if let Some(replaced) = &batch.parked {
@@ -556,40 +678,99 @@ impl Rules {
                 ));
             }
             batch.parked = Some(request);
-            return;
+            return Ok(());
         }
-        self.start(batch, target, request, out, env);
+        self.start(batch, target, request, out, env)
     }
 
-    /// Resolution, pruning and the credit check, without changing anything.
-    pub fn resolve(&self, batch: &Batch, target: PhaseName, is_retry: bool) -> Option<Resolution> {
+    /// A retry of `target` while the same retry is already waiting or running.
+    fn retry_in_flight(
+        &self,
+        batch: &Batch,
+        target: PhaseName,
+        request: &ParkedRequest,
+    ) -> Option<String> {
+        if let Some(parked) = &batch.parked {
+            if parked.request.is_retry && parked.request.requested_pipeline == target.as_str() {
+                return Some(format!(
+                    "a retry of {target} is already waiting (request {})",
+                    parked.event_id
+                ));
+            }
+        }
+        let run = batch.orchestration.current_run.as_ref()?;
+        let running = run.requested_pipeline == target
+            && run.phases[run.current..].iter().any(|&p| {
+                matches!(
+                    batch.pipeline.phase(p).status,
+                    PipelineExecutionStatus::PendingDependencies
+                        | PipelineExecutionStatus::DispatchInitiated
+                        | PipelineExecutionStatus::InProgress
+                )
+            });
+        running.then(|| {
+            format!(
+                "{target} is already running (run {}); retry {} not started again",
+                run.correlation_id, request.event_id
+            )
+        })
+    }
+
+    /// Resolution, pruning, the prompt gate and the credit question, without
+    /// changing anything (`None`: the target is not a pipeline phase).
+    pub fn resolve(
+        &self,
+        batch: &Batch,
+        target: PhaseName,
+        is_retry: bool,
+        context: &BatchContext,
+    ) -> Option<Resolution> {
         let chain = self.graph.resolve(target).ok()?;
-        let prunable = |phase: PhaseName| {
-            let state = batch.pipeline.phase(phase);
-            match state.status {
+        let mut rerun: BTreeSet<PhaseName> = BTreeSet::new();
+        let mut pruned = Vec::new();
+        let mut phases = Vec::new();
+        for &phase in &chain {
+            let prunable = match batch.pipeline.phase(phase).status {
                 PipelineExecutionStatus::CompletedSuccessfully => true,
                 PipelineExecutionStatus::CompletedWithPartialSuccess => !is_retry,
                 _ => false,
+            };
+            // A phase whose input is produced again runs again too.
+            let inputs_rerun = self
+                .graph
+                .node(phase)
+                .is_some_and(|n| n.depends_on.iter().any(|d| rerun.contains(d)));
+            if prunable && !inputs_rerun {
+                pruned.push(phase);
+            } else {
+                rerun.insert(phase);
+                phases.push(phase);
             }
-        };
-        // Only a prefix is pruned: once a phase runs again, everything after it
-        // depends on its new output and runs again too.
-        let pruned = chain.iter().take_while(|&&p| prunable(p)).count();
-        let failed_before: BTreeSet<&String> = chain[..pruned]
-            .iter()
-            .filter_map(|p| batch.orchestration.phase_failures.get(p))
-            .flatten()
-            .collect();
+        }
         let input_essays: Vec<String> = batch
             .essays
             .iter()
-            .filter(|e| !failed_before.contains(&e.essay_id))
+            .filter(|e| {
+                pruned
+                    .iter()
+                    .all(|p| survived(&batch.orchestration, *p, &e.essay_id))
+            })
             .map(|e| e.essay_id.clone())
             .collect();
-        let phases = chain[pruned..].to_vec();
-        let breakdown = credit_breakdown(&phases, input_essays.len() as i64);
+        let breakdown = credit_breakdown(&phases, len(&input_essays));
         let required_credits = breakdown.values().sum();
-        let verdict = self.credits.check(&batch.context, required_credits);
+        let requirements: BTreeMap<String, i64> = breakdown
+            .iter()
+            .filter(|(_, &n)| n > 0)
+            .map(|(k, &n)| (k.clone(), n))
+            .collect();
+        let credit_query = (!requirements.is_empty()).then(|| CreditQuery {
+            user_id: context.user_id.clone(),
+            org_id: context.org_id.clone(),
+            requirements,
+        });
+        let prompt_missing = !prompt_attached(context)
+            && chain.iter().any(|&p| self.graph.requires_prompt(p));
         Some(Resolution {
             target,
             chain,
@@ -597,7 +778,8 @@ impl Rules {
             input_essays,
             breakdown,
             required_credits,
-            verdict,
+            credit_query,
+            prompt_missing,
         })
     }
 
@@ -609,44 +791,52 @@ impl Rules {
         request: ParkedRequest,
         out: &mut Out<'_>,
         env: &mut Env<'_>,
-    ) {
+    ) -> Step {
         out.ctx.correlation_id = request.correlation_id;
         if request.traceparent.is_some() {
-            out.ctx.traceparent = request.traceparent.clone();
+            out.ctx.traceparent.clone_from(&request.traceparent);
         }
-        if let Some(prompt) = &request.request.prompt_payload {
-            if let Some(assignment_id) = &prompt.assignment_id {
-                batch.context.assignment_id = Some(assignment_id.clone());
-            }
-            if let Some(prompt_ref) = &prompt.cms_prompt_ref {
-                batch.context.student_prompt_ref = Some(prompt_ref.clone());
-            }
-        }
-        let Some(resolution) = self.resolve(batch, target, request.request.is_retry) else {
-            self.deny_outright(batch, &request, denial::UNSUPPORTED_PIPELINE, out, env);
-            return;
-        };
-        let reason = match resolution.verdict {
-            CreditVerdict::Allowed { .. } => None,
-            CreditVerdict::InsufficientCredits { .. } => Some(denial::INSUFFICIENT_CREDITS),
-            CreditVerdict::RateLimited { .. } => Some(denial::RATE_LIMITED),
-        };
-        if let Some(reason) = reason {
+        let context = with_prompt(&batch.context, &request.request);
+        let Some(resolution) = self.resolve(batch, target, request.request.is_retry, &context)
+        else {
             self.deny(
                 batch,
                 &request,
-                reason,
-                resolution.required_credits,
-                resolution.verdict.available(),
-                Some(resolution.breakdown.clone()),
+                denial::UNSUPPORTED_PIPELINE,
+                None,
                 out,
                 env,
             );
-            return;
+            return Ok(());
+        };
+        if resolution.prompt_missing {
+            self.deny(
+                batch,
+                &request,
+                denial::PROMPT_NOT_ATTACHED,
+                Some(&resolution),
+                out,
+                env,
+            );
+            return Ok(());
         }
+        let available = match &resolution.credit_query {
+            None => 0,
+            Some(query) => match env.credits.get(query) {
+                None => return Err(Stop::NeedsCredit(query.clone())),
+                Some(CreditVerdict::Allowed { available }) => *available,
+                Some(CreditVerdict::Denied { reason, available }) => {
+                    let reason = denial_reason(reason);
+                    self.deny_for_credits(batch, &request, reason, &resolution, *available, out, env);
+                    return Ok(());
+                }
+            },
+        };
+        // The request is accepted: its prompt becomes the batch's.
+        batch.context = context;
         if resolution.phases.is_empty() || resolution.input_essays.is_empty() {
             self.complete_at_once(batch, &resolution, out, env);
-            return;
+            return Ok(());
         }
         let first = resolution.phases[0];
         let run = Run {
@@ -657,11 +847,12 @@ impl Rules {
             started_at: env.now,
             current: 0,
             dispatched: BTreeMap::new(),
+            survivors: BTreeMap::new(),
             user_id: request.request.user_id.clone(),
         };
         batch.orchestration.runs_started += 1;
         batch.orchestration.current_run = Some(run);
-        batch.pipeline.requested_pipelines = resolution.phases.clone();
+        batch.pipeline.requested_pipelines.clone_from(&resolution.phases);
         for &phase in &resolution.phases {
             *batch.pipeline.phase_mut(phase) =
                 PhaseState::with_status(PipelineExecutionStatus::PendingDependencies);
@@ -670,14 +861,19 @@ impl Rules {
         out.snapshot = Some(json!({
             "requested_pipeline": target,
             "is_retry": request.request.is_retry,
-            "dependency_graph": self.graph.edges().collect::<Vec<_>>(),
+            "retry_reason": request.request.retry_reason,
+            "dependency_graph": self.graph.phases()
+                .map(|(p, n)| (p.as_str(), &n.depends_on))
+                .collect::<BTreeMap<_, _>>(),
             "resolved_pipeline": resolution.chain,
             "phases_to_run": resolution.phases,
             "input_essay_count": resolution.input_essays.len(),
             "required_credits": resolution.required_credits,
+            "available_credits": available,
             "resource_breakdown": resolution.breakdown,
         }));
-        self.dispatch(batch, first, resolution.input_essays.clone(), out, env);
+        let essays = self.phase_input(batch, first);
+        self.dispatch(batch, first, essays, out, env);
         let payload = json!({
             "batch_id": batch.id,
             "requested_pipeline": target,
@@ -695,6 +891,26 @@ impl Rules {
             out,
             env,
         );
+        Ok(())
+    }
+
+    /// The essays `phase` gets in the current run: the run's input, less those
+    /// that did not come through a phase it depends on that ran in this run.
+    fn phase_input(&self, batch: &Batch, phase: PhaseName) -> Vec<String> {
+        let Some(run) = &batch.orchestration.current_run else {
+            return Vec::new();
+        };
+        let ancestors = self.graph.ancestors(phase);
+        run.input_essays
+            .iter()
+            .filter(|id| {
+                ancestors
+                    .iter()
+                    .filter_map(|d| run.survivors.get(d))
+                    .all(|s| s.contains(id))
+            })
+            .cloned()
+            .collect()
     }
 
     /// Everything the target needs is done already: report it without a run.
@@ -711,8 +927,8 @@ impl Rules {
             .copied()
             .filter(|&p| batch.pipeline.phase(p).is_completed())
             .collect();
-        let successful = resolution.input_essays.len() as i64;
-        let failed = batch.essays.len() as i64 - successful;
+        let successful = len(&resolution.input_essays);
+        let failed = len(&batch.essays) - successful;
         self.publish_completion(batch, satisfied, successful, failed, 0.0, out, env);
     }
 
@@ -730,7 +946,7 @@ impl Rules {
             .filter_map(|id| batch.essay(id))
             .map(BatchEssay::command_ref)
             .collect();
-        let total = essays.len() as i64;
+        let total = len(&essays);
         *batch.pipeline.phase_mut(phase) = PhaseState {
             status: PipelineExecutionStatus::DispatchInitiated,
             essay_counts: EssayCounts {
@@ -800,9 +1016,8 @@ impl Rules {
                 },
                 metadata,
             ),
-            PhaseName::StudentMatching => {
-                unreachable!("the phase graph rejects student matching")
-            }
+            // The graph refuses student matching; registration flows send it themselves.
+            PhaseName::StudentMatching => return,
         };
         out.messages.push(message);
     }
@@ -812,17 +1027,20 @@ impl Rules {
         &self,
         batch: &mut Batch,
         e: &PhaseOutcome,
-        correlation_id: Uuid,
         out: &mut Out<'_>,
         env: &mut Env<'_>,
-    ) -> Result<(), String> {
+    ) -> Step {
         let Some(run) = batch.orchestration.current_run.clone() else {
-            return Err(format!("{} outcome with no run in progress", e.phase_name));
+            return ignore(format!("{} outcome with no run in progress", e.phase_name));
         };
-        if run.correlation_id != correlation_id
-            && batch.orchestration.earlier_runs.contains(&correlation_id)
+        let outcome_correlation = e.correlation_id.unwrap_or(out.ctx.correlation_id);
+        if outcome_correlation != run.correlation_id
+            && batch
+                .orchestration
+                .earlier_runs
+                .contains(&outcome_correlation)
         {
-            return Err(format!("stale {} outcome of an earlier run", e.phase_name));
+            return ignore(format!("stale {} outcome of an earlier run", e.phase_name));
         }
         let status = batch.pipeline.phase(e.phase_name).status;
         let awaiting = run.phases.get(run.current) == Some(&e.phase_name)
@@ -831,11 +1049,13 @@ impl Rules {
                 PipelineExecutionStatus::DispatchInitiated | PipelineExecutionStatus::InProgress
             );
         if !awaiting {
-            return Err(format!(
+            return ignore(format!(
                 "{} outcome while the phase is {status}",
                 e.phase_name
             ));
         }
+        // Everything this run publishes carries the run's correlation id.
+        out.ctx.correlation_id = run.correlation_id;
         let dispatched = run
             .dispatched
             .get(&e.phase_name)
@@ -847,10 +1067,7 @@ impl Rules {
             .iter()
             .map(|r| (&r.essay_id, r))
             .collect();
-        for id in processed
-            .keys()
-            .chain(e.failed_essay_ids.iter().collect::<Vec<_>>().iter())
-        {
+        for id in processed.keys().copied().chain(e.failed_essay_ids.iter()) {
             if !dispatched_set.contains(id) {
                 out.notes.push(format!(
                     "essay {id} was never dispatched to {}",
@@ -869,7 +1086,7 @@ impl Rules {
             .cloned()
             .collect();
         if e.phase_name == PhaseName::Spellcheck {
-            for essay in batch.essays.iter_mut() {
+            for essay in &mut batch.essays {
                 if let Some(r) = processed.get(&essay.essay_id) {
                     if dispatched_set.contains(&essay.essay_id) {
                         essay.corrected_text_storage_id = Some(r.text_storage_id.clone());
@@ -890,15 +1107,20 @@ impl Rules {
                 _ => PipelineExecutionStatus::Failed,
             }
         };
+        let survivors = if new_status == PipelineExecutionStatus::Failed {
+            Vec::new()
+        } else {
+            survivors
+        };
         let phase = batch.pipeline.phase_mut(e.phase_name);
         phase.status = new_status;
         phase.completed_at = Some(env.now);
         phase.progress_percentage = 100;
         phase.essay_counts = EssayCounts {
-            total: dispatched.len() as i64,
+            total: len(&dispatched),
             pending_dispatch_or_processing: 0,
-            successful: survivors.len() as i64,
-            failed: failed.len() as i64,
+            successful: len(&survivors),
+            failed: len(&dispatched) - len(&survivors),
         };
         if new_status == PipelineExecutionStatus::Failed {
             phase.error_info = Some(json!({
@@ -906,29 +1128,50 @@ impl Rules {
                 "failed_essay_ids": failed,
             }));
         }
-        batch
-            .orchestration
-            .phase_failures
-            .insert(e.phase_name, failed);
-
+        let orchestration = &mut batch.orchestration;
+        orchestration.phase_failures.insert(
+            e.phase_name,
+            dispatched
+                .iter()
+                .filter(|id| !survivors.contains(id))
+                .cloned()
+                .collect(),
+        );
+        orchestration
+            .phase_survivors
+            .insert(e.phase_name, survivors.clone());
+        if let Some(r) = orchestration.current_run.as_mut() {
+            r.survivors.insert(e.phase_name, survivors.clone());
+        }
         let next = run.phases.get(run.current + 1).copied();
-        match (new_status, next) {
+        let next_input = next.map(|p| (p, self.phase_input(batch, p)));
+        match (new_status, next_input) {
             (PipelineExecutionStatus::Failed, _) => {
-                for &p in &run.phases[run.current + 1..] {
-                    batch.pipeline.phase_mut(p).status =
-                        PipelineExecutionStatus::SkippedDueToDependencyFailure;
-                }
-                self.finish_run(batch, &run, 0, out, env);
+                self.skip_rest(batch, &run, run.current + 1);
+                self.finish_run(batch, &run, 0, out, env)
             }
-            (_, Some(next)) => {
+            (_, Some((next, input))) if input.is_empty() => {
+                out.notes
+                    .push(format!("no essay came through everything {next} needs"));
+                self.skip_rest(batch, &run, run.current + 1);
+                self.finish_run(batch, &run, 0, out, env)
+            }
+            (_, Some((next, input))) => {
                 if let Some(r) = batch.orchestration.current_run.as_mut() {
                     r.current += 1;
                 }
-                self.dispatch(batch, next, survivors, out, env);
+                self.dispatch(batch, next, input, out, env);
+                Ok(())
             }
-            (_, None) => self.finish_run(batch, &run, survivors.len() as i64, out, env),
+            (_, None) => self.finish_run(batch, &run, len(&survivors), out, env),
         }
-        Ok(())
+    }
+
+    fn skip_rest(&self, batch: &mut Batch, run: &Run, from: usize) {
+        for &p in run.phases.get(from..).unwrap_or_default() {
+            batch.pipeline.phase_mut(p).status =
+                PipelineExecutionStatus::SkippedDueToDependencyFailure;
+        }
     }
 
     /// Ends the current run: completion, notification, ready, and a parked start.
@@ -939,20 +1182,20 @@ impl Rules {
         successful: i64,
         out: &mut Out<'_>,
         env: &mut Env<'_>,
-    ) {
+    ) -> Step {
         let completed: Vec<PhaseName> = run
             .phases
             .iter()
             .copied()
             .filter(|&p| batch.pipeline.phase(p).is_completed())
             .collect();
-        let failed = run.input_essays.len() as i64 - successful;
+        let failed = len(&run.input_essays) - successful;
         let duration = (env.now - run.started_at).num_milliseconds().max(0) as f64 / 1000.0;
         batch.orchestration.current_run = None;
         batch.orchestration.earlier_runs.push(run.correlation_id);
         out.ctx.correlation_id = run.correlation_id;
         self.publish_completion(batch, completed, successful, failed, duration, out, env);
-        self.become_ready(batch, out, env);
+        self.become_ready(batch, out, env)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1019,36 +1262,66 @@ impl Rules {
     }
 
     /// The batch is ready: a parked request starts now.
-    fn become_ready(&self, batch: &mut Batch, out: &mut Out<'_>, env: &mut Env<'_>) {
+    fn become_ready(&self, batch: &mut Batch, out: &mut Out<'_>, env: &mut Env<'_>) -> Step {
         batch.status = BatchStatus::ReadyForPipelineExecution;
-        if let Some(parked) = batch.parked.take() {
-            out.notes
-                .push(format!("parked request {} starts", parked.event_id));
-            self.pipeline_request(batch, parked, out, env);
+        match batch.parked.take() {
+            Some(parked) => {
+                out.notes
+                    .push(format!("parked request {} starts", parked.event_id));
+                self.pipeline_request(batch, parked, out, env)
+            }
+            None => Ok(()),
         }
     }
 
-    /// A denial that involves no credits.
-    fn deny_outright(
+    /// A denial with no credit figures (the breakdown still has both keys).
+    fn deny(
         &self,
         batch: &Batch,
         request: &ParkedRequest,
         reason: &'static str,
+        resolution: Option<&Resolution>,
         out: &mut Out<'_>,
         env: &mut Env<'_>,
     ) {
-        self.deny(batch, request, reason, 0, 0, None, out, env);
+        let breakdown = resolution.map_or_else(|| credit_breakdown(&[], 0), |r| r.breakdown.clone());
+        let required = resolution.map_or(0, |r| r.required_credits);
+        self.publish_denial(batch, request, reason, required, 0, breakdown, out, env);
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn deny(
+    fn deny_for_credits(
+        &self,
+        batch: &Batch,
+        request: &ParkedRequest,
+        reason: &'static str,
+        resolution: &Resolution,
+        available: i64,
+        out: &mut Out<'_>,
+        env: &mut Env<'_>,
+    ) {
+        self.publish_denial(
+            batch,
+            request,
+            reason,
+            resolution.required_credits,
+            available,
+            resolution.breakdown.clone(),
+            out,
+            env,
+        );
+    }
+
+    /// `pipeline.denied` and the teacher's notification; the batch is unchanged.
+    #[allow(clippy::too_many_arguments)]
+    fn publish_denial(
         &self,
         batch: &Batch,
         request: &ParkedRequest,
         reason: &'static str,
         required: i64,
         available: i64,
-        breakdown: Option<BTreeMap<String, i64>>,
+        breakdown: BTreeMap<String, i64>,
         out: &mut Out<'_>,
         env: &mut Env<'_>,
     ) {
@@ -1061,36 +1334,49 @@ impl Rules {
             parent_id: None,
             timestamp: env.now,
             batch_id: batch.id.clone(),
-            user_id: request.request.user_id.clone(),
+            user_id: batch.context.user_id.clone(),
             org_id: batch.context.org_id.clone(),
             requested_pipeline: requested.clone(),
             denial_reason: reason.to_owned(),
             required_credits: required,
             available_credits: available,
-            resource_breakdown: breakdown.clone(),
+            resource_breakdown: Some(breakdown.clone()),
             denied_at: env.now,
         };
         let message = out
             .ctx
             .message(env.ids.next_id(), topics::PIPELINE_DENIED, denied, None);
         out.messages.push(message);
-        if reason == denial::UNSUPPORTED_PIPELINE {
-            return;
-        }
-        let (kind, message, next_steps) = match reason {
+        let deficit = (required - available).max(0);
+        let (kind, message, next_steps): (&str, String, Vec<&str>) = match reason {
             denial::INSUFFICIENT_CREDITS => (
                 "pipeline_denied_insufficient_credits",
-                "Not enough credits to run this pipeline",
+                format!("Processing cannot start: {deficit} more credits needed. Required: {required}, Available: {available}"),
                 vec!["Add credits to your organisation", "Try a smaller batch"],
             ),
-            denial::RATE_LIMITED => (
+            denial::RATE_LIMIT_EXCEEDED => (
                 "pipeline_denied_rate_limit",
-                "Too many requests; try again later",
+                "Processing temporarily unavailable: rate limit exceeded. Please try again later.".to_owned(),
                 vec!["Wait a few minutes and retry"],
+            ),
+            denial::PROMPT_NOT_ATTACHED => (
+                "pipeline_denied",
+                format!("Processing denied: {reason}"),
+                vec!["Attach a student prompt to the batch", "Request the pipeline again"],
+            ),
+            denial::UNSUPPORTED_PIPELINE => (
+                "pipeline_denied",
+                format!("Processing denied: {reason}"),
+                vec!["Request one of the supported pipelines"],
+            ),
+            denial::ENTITLEMENTS_UNAVAILABLE => (
+                "pipeline_denied",
+                format!("Processing denied: {reason}"),
+                vec!["Try again in a few minutes"],
             ),
             _ => (
                 "pipeline_denied",
-                "The batch failed validation and cannot be processed",
+                format!("Processing denied: {reason}"),
                 vec!["Review the validation errors", "Upload the batch again"],
             ),
         };
@@ -1103,7 +1389,7 @@ impl Rules {
             "resource_breakdown": breakdown,
             "message": message,
             "org_id": batch.context.org_id,
-            "credit_deficit": (required - available).max(0),
+            "credit_deficit": deficit,
             "next_steps": next_steps,
         });
         self.notify(
@@ -1128,8 +1414,9 @@ impl Rules {
         out: &mut Out<'_>,
         env: &mut Env<'_>,
     ) {
-        let Value::Object(payload) = payload else {
-            unreachable!("notification payloads are objects")
+        let payload = match payload {
+            Value::Object(map) => map,
+            _ => Map::new(),
         };
         let notification = TeacherNotification {
             teacher_id: batch.context.user_id.clone(),
@@ -1154,6 +1441,52 @@ impl Rules {
     }
 }
 
+/// The denial reason for a policy's answer (a denial without one is for credits).
+fn denial_reason(reason: &str) -> &'static str {
+    match reason {
+        denial::RATE_LIMIT_EXCEEDED | "rate_limited" => denial::RATE_LIMIT_EXCEEDED,
+        denial::ENTITLEMENTS_UNAVAILABLE => denial::ENTITLEMENTS_UNAVAILABLE,
+        _ => denial::INSUFFICIENT_CREDITS,
+    }
+}
+
+/// Whether `essay` came through `phase` the last time it ended.
+fn survived(orchestration: &Orchestration, phase: PhaseName, essay: &str) -> bool {
+    match orchestration.phase_survivors.get(&phase) {
+        Some(survivors) => survivors.iter().any(|s| s == essay),
+        None => !orchestration
+            .phase_failures
+            .get(&phase)
+            .is_some_and(|f| f.iter().any(|s| s == essay)),
+    }
+}
+
+/// Status changes between two pipeline states.
+pub fn transitions(
+    before: &PipelineState,
+    after: &PipelineState,
+    correlation_id: Uuid,
+) -> Vec<PhaseTransition> {
+    PhaseName::ALL
+        .iter()
+        .filter_map(|&phase| {
+            let (old, new) = (before.phase(phase), after.phase(phase));
+            (old.status != new.status).then(|| PhaseTransition {
+                phase,
+                from: old.status,
+                to: new.status,
+                correlation_id,
+                completed_at: new.completed_at.filter(|_| old.completed_at != new.completed_at),
+            })
+        })
+        .collect()
+}
+
+/// A list's length as the wire's integer.
+fn len<T>(items: &[T]) -> i64 {
+    i64::try_from(items.len()).unwrap_or(i64::MAX)
+}
+
 fn command_base(name: &str, batch_id: &str, now: Timestamp, essays: Vec<EssayRef>) -> CommandBase {
     CommandBase {
         event_name: name.to_owned(),
@@ -1173,4 +1506,13 @@ fn command_metadata(batch: &Batch, traceparent: Option<&str>) -> Map<String, Val
         metadata.insert("traceparent".into(), json!(tp));
     }
     metadata
+}
+
+/// Whether a prompt reference names the student prompt text with a storage id
+/// (what `PATCH …/prompt` requires).
+pub fn valid_prompt_reference(prompt: &StorageReferenceMetadata) -> bool {
+    prompt
+        .references
+        .get(&ContentType::StudentPromptText)
+        .is_some_and(|r| !r.storage_id.trim().is_empty())
 }

@@ -1,33 +1,37 @@
 //! In-memory repository: the same semantics as PostgreSQL, for tests and the demo.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
 use uuid::Uuid;
 
 use super::{
-    rust_enum_domains, Change, ChangeOutcome, EnumDomains, Fault, OutboxRow, OutboxStats,
-    PhaseStatusChange, Repository, StoreError, StoreResult,
+    rust_enum_domains, CommitError, Committed, EnumDomains, OutboxRow, OutboxStats,
+    PhaseStatusChange, PublishFailure, Repository, StoreResult, UnitOfWork,
 };
-use crate::contracts::{BatchStatus, PhaseName, PipelineExecutionStatus, Timestamp};
-use crate::domain::{Batch, BatchContext, BatchEssay, PipelineState};
+use crate::contracts::Timestamp;
+use crate::domain::Batch;
 
 #[derive(Debug, Default)]
 struct Inner {
     batches: HashMap<String, Batch>,
     outbox: Vec<OutboxRow>,
     next_seq: i64,
-    inbox: HashSet<Uuid>,
+    inbox: HashMap<Uuid, Timestamp>,
     phase_log: Vec<PhaseStatusChange>,
     snapshots: Vec<(String, Value)>,
-    fault: Option<Fault>,
 }
 
 #[derive(Debug, Default)]
 pub struct MemoryRepository {
     inner: Mutex<Inner>,
+}
+
+fn after(now: Timestamp, d: Duration) -> Timestamp {
+    now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
 impl MemoryRepository {
@@ -36,27 +40,9 @@ impl MemoryRepository {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave a half-applied change:
-        // `apply` stages everything before it touches `Inner`.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Compare-and-swap on the version, then `f` on the stored batch.
-    fn swap(&self, id: &str, expected_version: i64, f: impl FnOnce(&mut Batch)) -> bool {
-        let mut inner = self.lock();
-        match inner.batches.get_mut(id) {
-            Some(batch) if batch.version == expected_version => {
-                f(batch);
-                batch.version += 1;
-                batch.updated_at = chrono::Utc::now();
-                true
-            }
-            _ => false,
-        }
-    }
-
-    fn read<T>(&self, id: &str, f: impl FnOnce(&Batch) -> T) -> Option<T> {
-        self.lock().batches.get(id).map(f)
+        // A panic while holding the lock cannot leave a half-applied unit:
+        // `commit` checks everything before it touches `Inner`.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -75,278 +61,219 @@ impl Repository for MemoryRepository {
         Ok(rust_enum_domains())
     }
 
-    async fn get_batch_by_id(&self, id: &str) -> StoreResult<Option<Batch>> {
-        Ok(self.read(id, Batch::clone))
-    }
-
-    async fn update_batch_status(
-        &self,
-        id: &str,
-        expected_version: i64,
-        status: BatchStatus,
-    ) -> StoreResult<bool> {
-        Ok(self.swap(id, expected_version, |b| b.status = status))
-    }
-
-    async fn store_batch_context(
-        &self,
-        id: &str,
-        expected_version: i64,
-        context: &BatchContext,
-    ) -> StoreResult<bool> {
-        Ok(self.swap(id, expected_version, |b| b.context = context.clone()))
-    }
-
-    async fn get_batch_context(&self, id: &str) -> StoreResult<Option<BatchContext>> {
-        Ok(self.read(id, |b| b.context.clone()))
-    }
-
-    async fn store_batch_essays(
-        &self,
-        id: &str,
-        expected_version: i64,
-        essays: &[BatchEssay],
-    ) -> StoreResult<bool> {
-        Ok(self.swap(id, expected_version, |b| b.essays = essays.to_vec()))
-    }
-
-    async fn get_batch_essays(&self, id: &str) -> StoreResult<Option<Vec<BatchEssay>>> {
-        Ok(self.read(id, |b| b.essays.clone()))
-    }
-
-    async fn get_processing_pipeline_state(&self, id: &str) -> StoreResult<Option<PipelineState>> {
-        Ok(self.read(id, |b| b.pipeline.clone()))
-    }
-
-    async fn save_processing_pipeline_state(
-        &self,
-        id: &str,
-        expected_version: i64,
-        state: &PipelineState,
-    ) -> StoreResult<bool> {
-        Ok(self.swap(id, expected_version, |b| b.pipeline = state.clone()))
-    }
-
-    async fn update_phase_status_atomically(
-        &self,
-        id: &str,
-        phase: PhaseName,
-        expected: PipelineExecutionStatus,
-        new: PipelineExecutionStatus,
-        completed_at: Option<Timestamp>,
-        correlation_id: Option<Uuid>,
-    ) -> StoreResult<bool> {
-        let mut inner = self.lock();
-        let Some(batch) = inner.batches.get_mut(id) else {
-            return Ok(false);
-        };
-        let state = batch.pipeline.phase_mut(phase);
-        if state.status != expected {
-            return Ok(false);
-        }
-        state.status = new;
-        if completed_at.is_some() {
-            state.completed_at = completed_at;
-        }
-        batch.version += 1;
-        batch.updated_at = chrono::Utc::now();
-        inner.phase_log.push(PhaseStatusChange {
-            batch_id: id.to_owned(),
-            phase,
-            old_status: expected,
-            new_status: new,
-            correlation_id,
-            completed_at,
-        });
-        Ok(true)
-    }
-
-    async fn get_phase_status_history(
-        &self,
-        id: &str,
-        phase: Option<PhaseName>,
-    ) -> StoreResult<Vec<PhaseStatusChange>> {
-        Ok(self
-            .lock()
-            .phase_log
+    async fn get_batches(&self, ids: &[String]) -> StoreResult<Vec<Batch>> {
+        let inner = self.lock();
+        Ok(ids
             .iter()
-            .filter(|c| c.batch_id == id && phase.is_none_or(|p| p == c.phase))
-            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|id| inner.batches.get(id).cloned())
             .collect())
     }
 
-    async fn apply(&self, changes: Vec<Change>) -> StoreResult<Vec<ChangeOutcome>> {
+    async fn processed(&self, ids: &[Uuid]) -> StoreResult<HashSet<Uuid>> {
+        let inner = self.lock();
+        Ok(ids
+            .iter()
+            .filter(|id| inner.inbox.contains_key(id))
+            .copied()
+            .collect())
+    }
+
+    async fn commit(&self, unit: UnitOfWork) -> Result<Committed, CommitError> {
         let mut inner = self.lock();
-        let fault = inner.fault.take();
-        // Staged like a transaction: nothing reaches `inner` unless every change went through.
-        let mut staged: HashMap<String, Batch> = HashMap::new();
-        let mut inbox: HashSet<Uuid> = HashSet::new();
-        let mut outbox: Vec<OutboxRow> = Vec::new();
-        let mut snapshots = Vec::new();
-        let mut outcomes = Vec::with_capacity(changes.len());
         let now = chrono::Utc::now();
-        let mut failed: HashSet<String> = HashSet::new();
-        for change in changes {
-            // A later change to a batch was decided on top of the earlier one.
-            if failed.contains(&change.batch.id) {
-                outcomes.push(ChangeOutcome::Conflict);
-                continue;
-            }
-            failed.insert(change.batch.id.clone());
-            if let Some(record) = &change.inbox {
-                if inner.inbox.contains(&record.event_id) || inbox.contains(&record.event_id) {
-                    outcomes.push(ChangeOutcome::Duplicate);
-                    continue;
-                }
-            }
-            let id = change.batch.id.clone();
-            let current = staged.get(&id).or_else(|| inner.batches.get(&id));
-            let version = match (change.expected_version, current) {
+        let mut committed = Committed::default();
+        let mut winners = BTreeSet::new();
+        for w in &unit.writes {
+            let id = &w.batch.id;
+            match (w.expected_version, inner.batches.get(id)) {
                 (None, Some(_)) => {
-                    outcomes.push(ChangeOutcome::Conflict);
-                    continue;
+                    committed.conflicts.insert(id.clone());
                 }
-                (None, None) => 1,
+                (None, None) => {
+                    committed.versions.insert(id.clone(), 1);
+                    winners.insert(id.clone());
+                }
                 (Some(_), None) => {
-                    outcomes.push(ChangeOutcome::NotFound);
-                    continue;
+                    committed.missing.insert(id.clone());
                 }
                 (Some(expected), Some(current)) if current.version != expected => {
-                    outcomes.push(ChangeOutcome::Conflict);
-                    continue;
+                    committed.conflicts.insert(id.clone());
                 }
-                (Some(expected), Some(_)) => expected + 1,
-            };
-            let mut batch = change.batch;
-            batch.version = version;
-            for message in change.outbox {
-                inner.next_seq += 1;
-                outbox.push(OutboxRow {
-                    id: message.event_id,
-                    seq: inner.next_seq,
-                    topic: message.topic.to_owned(),
-                    key: message.key,
-                    event_type: message.topic.to_owned(),
-                    correlation_id: message.correlation_id,
-                    payload: message.envelope,
-                    traceparent: message.traceparent,
-                    created_at: now,
-                    published_at: None,
-                    attempts: 0,
-                    next_attempt_at: now,
-                    last_error: None,
-                    claimed_until: None,
+                (Some(expected), Some(_)) => {
+                    committed.versions.insert(id.clone(), expected + 1);
+                    winners.insert(id.clone());
+                }
+            }
+        }
+        let written = unit.batch_ids();
+        let keeps = |batch_id: &str| winners.contains(batch_id) || !written.contains(batch_id);
+        let mut raced = BTreeSet::new();
+        for r in unit.inbox.iter().filter(|r| keeps(&r.batch_id)) {
+            if inner.inbox.contains_key(&r.event_id) {
+                if winners.contains(&r.batch_id) {
+                    raced.insert(r.event_id);
+                } else {
+                    committed.already_processed.insert(r.event_id);
+                }
+            }
+        }
+        if !raced.is_empty() {
+            return Err(CommitError::Processed(raced));
+        }
+        // Nothing can fail from here: apply.
+        for w in unit.writes {
+            if !winners.contains(&w.batch.id) {
+                continue;
+            }
+            let mut batch = w.batch;
+            batch.version = committed.versions[&batch.id];
+            for t in w.transitions {
+                inner.phase_log.push(PhaseStatusChange {
+                    batch_id: batch.id.clone(),
+                    phase: t.phase,
+                    old_status: t.from,
+                    new_status: t.to,
+                    correlation_id: Some(t.correlation_id),
+                    completed_at: t.completed_at,
                 });
             }
-            if fault == Some(Fault::AfterOutboxInsert) {
-                return Err(StoreError::Injected(Fault::AfterOutboxInsert));
+            for (_, snapshot) in w.snapshots {
+                inner.snapshots.push((batch.id.clone(), snapshot));
             }
-            if let Some(record) = change.inbox {
-                inbox.insert(record.event_id);
-            }
-            if let Some(snapshot) = change.snapshot {
-                snapshots.push((id.clone(), snapshot));
-            }
-            failed.remove(&id);
-            staged.insert(id, batch);
-            outcomes.push(ChangeOutcome::Applied { version });
+            inner.batches.insert(batch.id.clone(), batch);
         }
-        inner.batches.extend(staged);
-        inner.inbox.extend(inbox);
-        inner.outbox.extend(outbox);
-        inner.snapshots.extend(snapshots);
-        Ok(outcomes)
-    }
-
-    async fn inbox_contains(&self, event_id: Uuid) -> StoreResult<bool> {
-        Ok(self.lock().inbox.contains(&event_id))
-    }
-
-    async fn outbox_rows(&self, key: Option<&str>) -> StoreResult<Vec<OutboxRow>> {
-        Ok(self
-            .lock()
-            .outbox
-            .iter()
-            .filter(|r| key.is_none_or(|k| k == r.key))
-            .cloned()
-            .collect())
-    }
-
-    async fn configuration_snapshots(&self, id: &str) -> StoreResult<Vec<Value>> {
-        Ok(self
-            .lock()
-            .snapshots
-            .iter()
-            .filter(|(b, _)| b == id)
-            .map(|(_, s)| s.clone())
-            .collect())
+        for r in unit.inbox.into_iter().filter(|r| keeps(&r.batch_id)) {
+            inner.inbox.entry(r.event_id).or_insert(now);
+        }
+        for m in unit.outbox.into_iter().filter(|m| keeps(&m.key)) {
+            inner.next_seq += 1;
+            let seq = inner.next_seq;
+            inner.outbox.push(OutboxRow {
+                id: m.event_id,
+                seq,
+                topic: m.topic.to_owned(),
+                key: m.key,
+                event_type: m.topic.to_owned(),
+                correlation_id: m.correlation_id,
+                payload: m.payload,
+                traceparent: m.traceparent,
+                created_at: m.occurred_at,
+                published_at: None,
+                attempts: 0,
+                next_attempt_at: now,
+                last_error: None,
+                claimed_by: None,
+                claimed_until: None,
+            });
+        }
+        Ok(committed)
     }
 
     async fn claim_outbox(
         &self,
-        keys: i64,
-        lease: std::time::Duration,
+        relay: Uuid,
+        limit: i64,
+        lease: Duration,
     ) -> StoreResult<Vec<OutboxRow>> {
         let mut inner = self.lock();
         let now = chrono::Utc::now();
-        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-        let mut heads: Vec<String> = Vec::new();
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let mut heads: HashSet<String> = HashSet::new();
         let mut seen: HashSet<&str> = HashSet::new();
         for row in inner.outbox.iter().filter(|r| r.published_at.is_none()) {
             if !seen.insert(row.key.as_str()) {
                 continue;
             }
             let free = row.claimed_until.is_none_or(|t| t < now);
-            if free && row.next_attempt_at <= now && (heads.len() as i64) < keys {
-                heads.push(row.key.clone());
+            if free && row.next_attempt_at <= now && heads.len() < limit {
+                heads.insert(row.key.clone());
             }
         }
         let mut claimed = Vec::new();
-        for row in inner.outbox.iter_mut() {
+        for row in &mut inner.outbox {
             let free = row.claimed_until.is_none_or(|t| t < now);
-            if row.published_at.is_none() && free && heads.contains(&row.key) {
-                row.claimed_until = Some(until);
+            if claimed.len() < limit && row.published_at.is_none() && free && heads.contains(&row.key)
+            {
+                row.claimed_by = Some(relay);
+                row.claimed_until = Some(after(now, lease));
                 claimed.push(row.clone());
             }
         }
         Ok(claimed)
     }
 
+    async fn renew_outbox_lease(&self, relay: Uuid, ids: &[Uuid], lease: Duration) -> StoreResult<u64> {
+        let mut inner = self.lock();
+        let until = after(chrono::Utc::now(), lease);
+        let mut n = 0;
+        for row in inner.outbox.iter_mut().filter(|r| {
+            ids.contains(&r.id) && r.claimed_by == Some(relay) && r.published_at.is_none()
+        }) {
+            row.claimed_until = Some(until);
+            n += 1;
+        }
+        Ok(n)
+    }
+
     async fn settle_outbox(
         &self,
+        relay: Uuid,
         published: &[Uuid],
-        failed: &[(Uuid, String, Timestamp)],
+        failed: &[PublishFailure],
         released: &[Uuid],
-    ) -> StoreResult<()> {
+    ) -> StoreResult<u64> {
         let mut inner = self.lock();
         let now = chrono::Utc::now();
-        for row in inner.outbox.iter_mut() {
-            if published.contains(&row.id) {
+        let failed: BTreeMap<Uuid, &PublishFailure> = failed.iter().map(|f| (f.id, f)).collect();
+        let mut n = 0;
+        for row in &mut inner.outbox {
+            if row.claimed_by != Some(relay) {
+                continue;
+            }
+            if published.contains(&row.id) && row.published_at.is_none() {
                 row.published_at = Some(now);
                 row.attempts += 1;
                 row.last_error = None;
-                row.claimed_until = None;
-            } else if let Some((_, error, next)) = failed.iter().find(|f| f.0 == row.id) {
+            } else if let Some(f) = failed.get(&row.id).filter(|_| row.published_at.is_none()) {
                 row.attempts += 1;
-                row.last_error = Some(error.clone());
-                row.next_attempt_at = *next;
-                row.claimed_until = None;
-            } else if released.contains(&row.id) {
-                row.claimed_until = None;
+                row.last_error = Some(f.error.clone());
+                row.next_attempt_at = f.next_attempt_at;
+            } else if !released.contains(&row.id) {
+                continue;
             }
+            row.claimed_by = None;
+            row.claimed_until = None;
+            n += 1;
         }
-        Ok(())
+        Ok(n)
     }
 
     async fn purge_outbox(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
         let mut inner = self.lock();
-        let mut removed = 0u64;
+        let mut removed = 0i64;
         inner.outbox.retain(|r| {
-            let purge = (removed as i64) < limit && r.published_at.is_some_and(|p| p < before);
-            removed += purge as u64;
+            let purge = removed < limit && r.published_at.is_some_and(|p| p < before);
+            removed += i64::from(purge);
             !purge
         });
-        Ok(removed)
+        Ok(u64::try_from(removed).unwrap_or(0))
+    }
+
+    async fn purge_inbox(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
+        let mut inner = self.lock();
+        let old: Vec<Uuid> = inner
+            .inbox
+            .iter()
+            .filter(|(_, &at)| at < before)
+            .map(|(&id, _)| id)
+            .take(usize::try_from(limit).unwrap_or(0))
+            .collect();
+        for id in &old {
+            inner.inbox.remove(id);
+        }
+        Ok(old.len() as u64)
     }
 
     async fn outbox_stats(&self) -> StoreResult<OutboxStats> {
@@ -361,12 +288,51 @@ impl Repository for MemoryRepository {
         Ok(OutboxStats {
             unpublished: pending.len() as i64,
             oldest_unpublished_age_seconds: oldest
-                .map(|t| (now - t).num_milliseconds() as f64 / 1000.0)
-                .unwrap_or(0.0),
+                .map_or(0.0, |t| (now - t).num_milliseconds() as f64 / 1000.0),
+            failing: pending.iter().filter(|r| r.attempts > 0).count() as i64,
         })
     }
 
-    fn inject_fault(&self, fault: Fault) {
-        self.lock().fault = Some(fault);
+    async fn outbox_rows(&self, key: Option<&str>) -> StoreResult<Vec<OutboxRow>> {
+        Ok(self
+            .lock()
+            .outbox
+            .iter()
+            .filter(|r| key.is_none_or(|k| k == r.key))
+            .cloned()
+            .collect())
+    }
+
+    async fn stuck_outbox_rows(&self, limit: i64) -> StoreResult<Vec<OutboxRow>> {
+        let mut rows: Vec<OutboxRow> = self
+            .lock()
+            .outbox
+            .iter()
+            .filter(|r| r.published_at.is_none() && r.attempts > 0)
+            .cloned()
+            .collect();
+        rows.sort_by_key(|r| (std::cmp::Reverse(r.attempts), r.seq));
+        rows.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(rows)
+    }
+
+    async fn phase_history(&self, batch_id: &str) -> StoreResult<Vec<PhaseStatusChange>> {
+        Ok(self
+            .lock()
+            .phase_log
+            .iter()
+            .filter(|c| c.batch_id == batch_id)
+            .cloned()
+            .collect())
+    }
+
+    async fn configuration_snapshots(&self, batch_id: &str) -> StoreResult<Vec<Value>> {
+        Ok(self
+            .lock()
+            .snapshots
+            .iter()
+            .filter(|(b, _)| b == batch_id)
+            .map(|(_, s)| s.clone())
+            .collect())
     }
 }

@@ -1,29 +1,30 @@
-//! The repository: one trait, a PostgreSQL and an in-memory implementation with
-//! the same semantics (one contract test suite runs against both).
+//! The repository: one trait, a PostgreSQL and an in-memory implementation
+//! with the same semantics (one contract test suite runs against both).
 //!
-//! Every write is a compare-and-swap on the batch's `version`; nothing writes
-//! blindly. [`Repository::apply`] is the unit of work of the handlers: a list of
-//! changes in one transaction, each with its own version check, inbox row and
-//! outbox rows, each reporting its own outcome.
+//! Every batch write is a compare-and-swap on the batch's `version`; nothing
+//! writes blindly. [`Repository::commit`] is the unit of work: many batches'
+//! new states, inbox rows and outbox rows in one transaction, written
+//! set-based (a handful of statements whatever the count). A batch whose
+//! version moved underneath has nothing of its own written and is reported as
+//! a conflict; the rest commits.
 
 pub mod memory;
 pub mod postgres;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use async_trait::async_trait;
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::contracts::{BatchStatus, PhaseName, PipelineExecutionStatus, Timestamp};
-use crate::domain::{Batch, BatchContext, BatchEssay, OutboundMessage, PipelineState};
+use crate::domain::{Batch, OutboundMessage, PhaseTransition};
 
 pub use memory::MemoryRepository;
-pub use postgres::{PgRepository, PostgresSettings};
+pub use postgres::PgRepository;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database could not be reached or failed: worth retrying.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
@@ -31,74 +32,159 @@ pub enum StoreError {
     /// A stored row does not decode: needs an operator, not a retry.
     #[error("stored data for `{id}` is unreadable: {error}")]
     Corrupt { id: String, error: String },
-    /// A fault injected by a test.
-    #[error("injected fault: {0:?}")]
-    Injected(Fault),
+    /// A failure a test injected (see the tests' repository decorators).
+    #[error("{0}")]
+    Injected(String),
+}
+
+/// How the worker treats a store error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Retrying the same work later may succeed: connection lost, pool timeout,
+    /// serialization failure, deadlock, statement timeout, server shutting down.
+    Transient,
+    /// The data itself is refused: retrying cannot help; isolate the record.
+    Permanent,
+}
+
+impl ErrorClass {
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
 }
 
 impl StoreError {
-    /// Whether retrying the same operation later may succeed.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            StoreError::Database(e) => classify(e),
+            StoreError::Migration(_) | StoreError::Corrupt { .. } => ErrorClass::Permanent,
+            StoreError::Injected(message) if message.contains("permanent") => ErrorClass::Permanent,
+            StoreError::Injected(_) => ErrorClass::Transient,
+        }
+    }
+
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Database(_) | StoreError::Injected(_))
+        self.class() == ErrorClass::Transient
+    }
+}
+
+fn classify(e: &sqlx::Error) -> ErrorClass {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => ErrorClass::Transient,
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // Connection exceptions, serialization failure, deadlock, query
+            // cancelled (statement timeout), the server shutting down or out of
+            // resources, a lock not available, a read-only standby.
+            Some(code)
+                if code.starts_with("08")
+                    || code.starts_with("53")
+                    || code.starts_with("57")
+                    || code.starts_with("58")
+                    || code == "40001"
+                    || code == "40P01"
+                    || code == "55P03"
+                    || code == "25006" =>
+            {
+                ErrorClass::Transient
+            }
+            _ => ErrorClass::Permanent,
+        },
+        _ => ErrorClass::Permanent,
     }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
-
-/// Points where a test can make the next unit of work fail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// After the outbox rows of a change are written, before its transaction commits.
-    AfterOutboxInsert,
-}
 
 /// The inbox record of a consumed event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxRecord {
     pub event_id: Uuid,
     pub topic: String,
+    pub batch_id: String,
 }
 
-/// One change of the unit of work.
+/// One batch's new state in a unit of work.
 #[derive(Debug, Clone)]
-pub struct Change {
+pub struct BatchWrite {
     /// The state to write; `batch.version` is ignored (see `expected_version`).
     pub batch: Batch,
-    /// The version the decision was made on; `None` creates the batch.
+    /// The version the decisions were made on; `None` creates the batch.
     pub expected_version: Option<i64>,
     /// Rewrite the batch's essays too.
     pub essays_changed: bool,
-    pub outbox: Vec<OutboundMessage>,
-    pub inbox: Option<InboxRecord>,
-    /// The resolved configuration of a run that starts with this change.
-    pub snapshot: Option<Value>,
+    pub transitions: Vec<PhaseTransition>,
+    /// Resolved configurations of runs started by this write.
+    pub snapshots: Vec<(Uuid, Value)>,
 }
 
-impl Change {
+/// One transaction's worth of changes. Inbox and outbox rows belong to a batch
+/// (by id): they are written only when that batch's write (if any) wins.
+#[derive(Debug, Clone, Default)]
+pub struct UnitOfWork {
+    pub writes: Vec<BatchWrite>,
+    pub inbox: Vec<InboxRecord>,
+    pub outbox: Vec<OutboundMessage>,
+}
+
+impl UnitOfWork {
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.inbox.is_empty() && self.outbox.is_empty()
+    }
+
     /// A new batch with its first messages.
     pub fn create(batch: Batch, outbox: Vec<OutboundMessage>) -> Self {
         Self {
-            essays_changed: !batch.essays.is_empty(),
-            batch,
-            expected_version: None,
+            writes: vec![BatchWrite {
+                essays_changed: !batch.essays.is_empty(),
+                batch,
+                expected_version: None,
+                transitions: Vec::new(),
+                snapshots: Vec::new(),
+            }],
+            inbox: Vec::new(),
             outbox,
-            inbox: None,
-            snapshot: None,
         }
+    }
+
+    /// The batches whose writes must win for the rest of their rows to be written.
+    pub fn batch_ids(&self) -> BTreeSet<String> {
+        self.writes.iter().map(|w| w.batch.id.clone()).collect()
     }
 }
 
-/// What became of one change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeOutcome {
-    Applied {
-        version: i64,
-    },
-    /// The batch's version differs from the expected one (or it exists already, on create).
-    Conflict,
-    /// The inbox already holds this event.
-    Duplicate,
-    NotFound,
+/// What a commit did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Batches whose write lost (version moved, or created twice): nothing of
+    /// theirs was written.
+    pub conflicts: BTreeSet<String>,
+    /// Batches to update that do not exist: nothing of theirs was written.
+    pub missing: BTreeSet<String>,
+    /// New version of each written batch.
+    pub versions: BTreeMap<String, i64>,
+    /// Inbox rows of batches without a write that were recorded already
+    /// (someone else processed the same event meanwhile).
+    pub already_processed: BTreeSet<Uuid>,
+}
+
+/// Why a commit wrote nothing at all.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An event of a winning batch write was recorded meanwhile by another
+    /// worker: the transaction was rolled back; decide again without them.
+    #[error("{} event(s) were processed concurrently", .0.len())]
+    Processed(BTreeSet<Uuid>),
 }
 
 /// One entry of the phase-status log.
@@ -121,21 +207,64 @@ pub struct OutboxRow {
     pub key: String,
     pub event_type: String,
     pub correlation_id: Uuid,
-    pub payload: Value,
+    /// The exact bytes to publish (the envelope as JSON text).
+    pub payload: String,
     pub traceparent: Option<String>,
     pub created_at: Timestamp,
     pub published_at: Option<Timestamp>,
     pub attempts: i32,
     pub next_attempt_at: Timestamp,
     pub last_error: Option<String>,
+    pub claimed_by: Option<Uuid>,
     pub claimed_until: Option<Timestamp>,
 }
 
-/// Backlog figures for metrics.
+/// A publish that failed, to retry at `next_attempt_at`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublishFailure {
+    pub id: Uuid,
+    pub error: String,
+    pub next_attempt_at: Timestamp,
+}
+
+/// Backlog figures.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct OutboxStats {
     pub unpublished: i64,
     pub oldest_unpublished_age_seconds: f64,
+    /// Rows that failed at least once and are not published yet.
+    pub failing: i64,
+}
+
+/// Connections of a database pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub size: u32,
+    pub idle: u32,
+    pub max: u32,
+}
+
+impl PoolStatus {
+    pub fn in_use(self) -> u32 {
+        self.size.saturating_sub(self.idle)
+    }
+
+    pub fn utilization_percent(self) -> f64 {
+        if self.max == 0 {
+            0.0
+        } else {
+            f64::from(self.in_use()) * 100.0 / f64::from(self.max)
+        }
+    }
+}
+
+/// What `/healthz/database` reports about the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatabaseReport {
+    pub active_connections: i64,
+    pub database_size: String,
+    /// Statements active for more than five minutes.
+    pub long_running_queries: i64,
 }
 
 /// Allowed values of each enum column, as `table.column`.
@@ -164,6 +293,8 @@ pub fn rust_enum_domains() -> EnumDomains {
     ])
 }
 
+/// What the worker, the relay, the HTTP surface and the operator commands
+/// need from storage.
 #[async_trait]
 pub trait Repository: Send + Sync + std::fmt::Debug {
     /// Brings the schema up to date (idempotent).
@@ -172,100 +303,61 @@ pub trait Repository: Send + Sync + std::fmt::Debug {
     /// The allowed values of every enum column, as the store enforces them.
     async fn enum_domains(&self) -> StoreResult<EnumDomains>;
 
-    /// Creates a batch with its first messages; `Conflict` when it exists.
-    async fn create_batch(
-        &self,
-        batch: &Batch,
-        outbox: &[OutboundMessage],
-    ) -> StoreResult<ChangeOutcome> {
-        let change = Change::create(batch.clone(), outbox.to_vec());
-        Ok(self.apply(vec![change]).await?[0])
-    }
-    async fn get_batch_by_id(&self, id: &str) -> StoreResult<Option<Batch>>;
     /// The batches among `ids` that exist, in any order.
-    async fn get_batches(&self, ids: &[String]) -> StoreResult<Vec<Batch>> {
-        let mut found = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(batch) = self.get_batch_by_id(id).await? {
-                found.push(batch);
-            }
-        }
-        Ok(found)
+    async fn get_batches(&self, ids: &[String]) -> StoreResult<Vec<Batch>>;
+    async fn get_batch(&self, id: &str) -> StoreResult<Option<Batch>> {
+        Ok(self.get_batches(&[id.to_owned()]).await?.pop())
     }
-    async fn update_batch_status(
-        &self,
-        id: &str,
-        expected_version: i64,
-        status: BatchStatus,
-    ) -> StoreResult<bool>;
-    async fn store_batch_context(
-        &self,
-        id: &str,
-        expected_version: i64,
-        context: &BatchContext,
-    ) -> StoreResult<bool>;
-    async fn get_batch_context(&self, id: &str) -> StoreResult<Option<BatchContext>>;
-    async fn store_batch_essays(
-        &self,
-        id: &str,
-        expected_version: i64,
-        essays: &[BatchEssay],
-    ) -> StoreResult<bool>;
-    async fn get_batch_essays(&self, id: &str) -> StoreResult<Option<Vec<BatchEssay>>>;
-    async fn get_processing_pipeline_state(&self, id: &str) -> StoreResult<Option<PipelineState>>;
-    async fn save_processing_pipeline_state(
-        &self,
-        id: &str,
-        expected_version: i64,
-        state: &PipelineState,
-    ) -> StoreResult<bool>;
-    /// Moves one phase from `expected` to `new` (a missing phase counts as
-    /// `pending_dependencies`); false when the status differs or the race is lost.
-    /// Logs the change in `phase_status_log` when it wins.
-    async fn update_phase_status_atomically(
-        &self,
-        id: &str,
-        phase: PhaseName,
-        expected: PipelineExecutionStatus,
-        new: PipelineExecutionStatus,
-        completed_at: Option<Timestamp>,
-        correlation_id: Option<Uuid>,
-    ) -> StoreResult<bool>;
-    async fn get_phase_status_history(
-        &self,
-        id: &str,
-        phase: Option<PhaseName>,
-    ) -> StoreResult<Vec<PhaseStatusChange>>;
+    /// The events among `ids` that the inbox holds.
+    async fn processed(&self, ids: &[Uuid]) -> StoreResult<HashSet<Uuid>>;
 
-    /// The unit of work: every change in one transaction, each with its own
-    /// savepoint, so a conflict or duplicate undoes only that change.
-    async fn apply(&self, changes: Vec<Change>) -> StoreResult<Vec<ChangeOutcome>>;
+    /// The unit of work (see the module documentation).
+    async fn commit(&self, unit: UnitOfWork) -> Result<Committed, CommitError>;
 
-    async fn inbox_contains(&self, event_id: Uuid) -> StoreResult<bool>;
-    /// Outbox rows (all, or one key's), oldest first.
-    async fn outbox_rows(&self, key: Option<&str>) -> StoreResult<Vec<OutboxRow>>;
-    async fn configuration_snapshots(&self, id: &str) -> StoreResult<Vec<Value>>;
-
-    /// Leases unpublished rows for publishing, oldest first, keeping per-key order:
-    /// a key is taken only when its oldest unpublished row is due and unleased,
-    /// and then all of its unpublished rows come along.
+    /// Leases unpublished rows for `relay`, oldest first, at most `limit`,
+    /// keeping per-key order: a key is taken only when its oldest unpublished
+    /// row is due and unleased, and then its rows in order (up to the limit).
     async fn claim_outbox(
         &self,
-        keys: i64,
+        relay: Uuid,
+        limit: i64,
         lease: std::time::Duration,
     ) -> StoreResult<Vec<OutboxRow>>;
-    /// Marks `published` rows published; `failed` rows get their error and next
-    /// attempt; `released` rows lose their lease untouched.
+    /// Extends `relay`'s lease on `ids` (rows it still holds).
+    async fn renew_outbox_lease(
+        &self,
+        relay: Uuid,
+        ids: &[Uuid],
+        lease: std::time::Duration,
+    ) -> StoreResult<u64>;
+    /// Settles rows `relay` still holds: `published` are marked, `failed` get
+    /// their error and next attempt, `released` lose the lease untouched.
+    /// Returns how many rows were settled (rows another relay took over are not).
     async fn settle_outbox(
         &self,
+        relay: Uuid,
         published: &[Uuid],
-        failed: &[(Uuid, String, Timestamp)],
+        failed: &[PublishFailure],
         released: &[Uuid],
-    ) -> StoreResult<()>;
+    ) -> StoreResult<u64>;
     /// Deletes up to `limit` rows published before `before`.
     async fn purge_outbox(&self, before: Timestamp, limit: i64) -> StoreResult<u64>;
+    /// Deletes up to `limit` inbox rows recorded before `before`.
+    async fn purge_inbox(&self, before: Timestamp, limit: i64) -> StoreResult<u64>;
     async fn outbox_stats(&self) -> StoreResult<OutboxStats>;
 
-    /// Makes the next unit of work fail at `fault` (then the fault clears).
-    fn inject_fault(&self, fault: Fault);
+    /// Outbox rows (all, or one key's), oldest first.
+    async fn outbox_rows(&self, key: Option<&str>) -> StoreResult<Vec<OutboxRow>>;
+    /// Unpublished rows that failed at least once, worst first.
+    async fn stuck_outbox_rows(&self, limit: i64) -> StoreResult<Vec<OutboxRow>>;
+    async fn phase_history(&self, batch_id: &str) -> StoreResult<Vec<PhaseStatusChange>>;
+    async fn configuration_snapshots(&self, batch_id: &str) -> StoreResult<Vec<Value>>;
+
+    /// The connection pool's figures, where there is a pool.
+    fn pool_status(&self) -> Option<PoolStatus> {
+        None
+    }
+    async fn database_report(&self) -> StoreResult<DatabaseReport> {
+        Ok(DatabaseReport::default())
+    }
 }

@@ -1,13 +1,14 @@
-//! PostgreSQL repository (sqlx). Every batch write is
-//! `UPDATE … SET …, version = version + 1 WHERE id = $1 AND version = $2`.
+//! PostgreSQL repository (sqlx). A unit of work locks its batches in id order
+//! (no deadlocks between workers), updates them with a version check, and
+//! writes inbox, outbox, essays, phase log and snapshots with one statement
+//! each, whatever the number of events.
 
-use std::collections::BTreeSet;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::types::Json;
@@ -15,38 +16,47 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    Change, ChangeOutcome, EnumDomains, Fault, OutboxRow, OutboxStats, PhaseStatusChange,
-    Repository, StoreError, StoreResult,
+    BatchWrite, CommitError, Committed, EnumDomains, OutboxRow, OutboxStats, PhaseStatusChange,
+    PublishFailure, Repository, StoreError, StoreResult, UnitOfWork,
 };
-use crate::contracts::{self, BatchStatus, PhaseName, PipelineExecutionStatus, Timestamp};
-use crate::domain::{Batch, BatchContext, BatchEssay, PipelineState};
+use crate::config::DatabaseSettings;
+use crate::contracts::{PhaseName, PipelineExecutionStatus, Timestamp};
+use crate::domain::Batch;
+use crate::metrics::Metrics;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Connection settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct PostgresSettings {
-    pub url: String,
-    pub max_connections: u32,
-    pub acquire_timeout: Duration,
-    pub statement_timeout: Duration,
-}
-
-impl PostgresSettings {
-    pub fn new(url: impl Into<String>) -> Self {
-        Self {
-            url: url.into(),
-            max_connections: 10,
-            acquire_timeout: Duration::from_secs(5),
-            statement_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PgRepository {
     pool: PgPool,
-    fault: Mutex<Option<Fault>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// Why PostgreSQL could not be reached, in one line a person can act on.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to PostgreSQL at {target}: {reason}")]
+pub struct ConnectError {
+    pub target: String,
+    pub reason: String,
+    #[source]
+    pub source: sqlx::Error,
+}
+
+fn describe_connect_error(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "connection refused (is the server running and listening there?)".to_owned()
+        }
+        sqlx::Error::Io(io) => format!("{io}"),
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("28P01" | "28000") => format!("authentication failed ({})", db.message()),
+            Some("3D000") => format!("the database does not exist ({})", db.message()),
+            _ => db.message().to_owned(),
+        },
+        sqlx::Error::PoolTimedOut => "timed out waiting for a connection".to_owned(),
+        sqlx::Error::Configuration(c) => format!("invalid database URL: {c}"),
+        other => other.to_string(),
+    }
 }
 
 const BATCH_COLUMNS: &str = "b.id, b.correlation_id, b.status, b.context, b.pipeline_state, \
@@ -67,9 +77,11 @@ fn json<T: DeserializeOwned>(row: &PgRow, column: &str, id: &str) -> StoreResult
 fn batch_from_row(row: &PgRow) -> StoreResult<Batch> {
     let id: String = row.try_get("id")?;
     let status: String = row.try_get("status")?;
-    let status = BatchStatus::parse(&status).ok_or_else(|| StoreError::Corrupt {
-        id: id.clone(),
-        error: format!("unknown status `{status}`"),
+    let status = crate::contracts::BatchStatus::parse(&status).ok_or_else(|| {
+        StoreError::Corrupt {
+            id: id.clone(),
+            error: format!("unknown status `{status}`"),
+        }
     })?;
     Ok(Batch {
         correlation_id: row.try_get("correlation_id")?,
@@ -88,243 +100,416 @@ fn batch_from_row(row: &PgRow) -> StoreResult<Batch> {
     })
 }
 
+fn to_json<T: serde::Serialize>(value: &T, id: &str) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt {
+        id: id.to_owned(),
+        error: e.to_string(),
+    })
+}
+
+/// The batch columns of many writes, as arrays for one `UNNEST` statement.
+#[derive(Default)]
+struct BatchColumns {
+    ids: Vec<String>,
+    expected: Vec<Option<i64>>,
+    correlations: Vec<Uuid>,
+    class_ids: Vec<Option<String>>,
+    statuses: Vec<&'static str>,
+    contexts: Vec<String>,
+    pipelines: Vec<String>,
+    orchestrations: Vec<String>,
+    totals: Vec<i32>,
+    failed: Vec<String>,
+    parked: Vec<String>,
+    errors: Vec<String>,
+    created: Vec<Timestamp>,
+    updated: Vec<Timestamp>,
+    completed: Vec<Option<Timestamp>>,
+}
+
+impl BatchColumns {
+    fn push(&mut self, w: &BatchWrite) -> StoreResult<()> {
+        let b = &w.batch;
+        self.ids.push(b.id.clone());
+        self.expected.push(w.expected_version);
+        self.correlations.push(b.correlation_id);
+        self.class_ids.push(b.context.class_id.clone());
+        self.statuses.push(b.status.as_str());
+        self.contexts.push(to_json(&b.context, &b.id)?);
+        self.pipelines.push(to_json(&b.pipeline, &b.id)?);
+        self.orchestrations.push(to_json(&b.orchestration, &b.id)?);
+        self.totals
+            .push(i32::try_from(b.essays.len()).unwrap_or(i32::MAX));
+        self.failed.push(to_json(&b.failed_essay_ids(), &b.id)?);
+        self.parked.push(to_json(&b.parked, &b.id)?);
+        self.errors.push(to_json(&b.validation_errors, &b.id)?);
+        self.created.push(b.created_at);
+        self.updated.push(b.updated_at);
+        self.completed.push(b.completed_at);
+        Ok(())
+    }
+}
+
 impl PgRepository {
-    pub async fn connect(settings: &PostgresSettings) -> StoreResult<Self> {
-        let options: PgConnectOptions = settings.url.parse()?;
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self, ConnectError> {
+        let url = settings.url.expose();
+        let target = target_of(url);
+        let fail = |source: sqlx::Error| ConnectError {
+            target: target.clone(),
+            reason: describe_connect_error(&source),
+            source,
+        };
+        let options: PgConnectOptions = url.parse().map_err(fail)?;
         let timeout_ms = settings.statement_timeout.as_millis().to_string();
         let options = options.options([("statement_timeout", timeout_ms.as_str())]);
+        // Connect once directly: a pool hides why a connection failed behind a timeout.
+        let probe = sqlx::ConnectOptions::connect(&options);
+        match tokio::time::timeout(settings.acquire_timeout, probe).await {
+            Ok(Ok(conn)) => drop(conn),
+            Ok(Err(e)) => return Err(fail(e)),
+            Err(_) => return Err(fail(sqlx::Error::PoolTimedOut)),
+        }
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
             // No ping on every acquire: a broken connection fails its query and is replaced.
             .test_before_acquire(false)
-            .connect_with(options)
-            .await?;
+            .connect_lazy_with(options);
         Ok(Self::from_pool(pool))
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
         Self {
             pool,
-            fault: Mutex::new(None),
+            metrics: None,
         }
+    }
+
+    /// Records query durations and pool figures in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
-    fn take_fault(&self) -> Option<Fault> {
-        self.fault.lock().unwrap_or_else(|e| e.into_inner()).take()
+    fn observe(&self, operation: &str, started: Instant, ok: bool) {
+        if let Some(m) = &self.metrics {
+            m.observe_query(operation, started.elapsed(), ok);
+        }
     }
 
-    async fn swap(
-        &self,
-        id: &str,
-        expected_version: i64,
-        set: &str,
-        value: Value,
-    ) -> StoreResult<bool> {
-        let sql = format!(
-            "UPDATE batches SET {set} = $3, version = version + 1, updated_at = now() \
-             WHERE id = $1 AND version = $2"
-        );
-        let done = sqlx::query(&sql)
-            .bind(id)
-            .bind(expected_version)
-            .bind(value)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+    async fn begin(&self) -> StoreResult<Transaction<'static, Postgres>> {
+        let started = Instant::now();
+        let tx = self.pool.begin().await;
+        if let Some(m) = &self.metrics {
+            m.db_acquire_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        Ok(tx?)
     }
 
-    async fn column<T: DeserializeOwned>(&self, id: &str, column: &str) -> StoreResult<Option<T>> {
-        let sql = format!("SELECT {column} AS value FROM batches WHERE id = $1");
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| json(&r, "value", id)).transpose()
-    }
-
-    /// One change in one statement: the batch row first (a version-checked
-    /// update, or an insert for a new batch), then, only when that wrote, the
-    /// inbox row, the outbox rows, the essays and the snapshot. A lost race
-    /// writes nothing, so no savepoint is needed.
-    async fn apply_change(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        change: Change,
-        fault: Option<Fault>,
-    ) -> StoreResult<ChangeOutcome> {
-        let b = &change.batch;
-        let failed_ids = b.failed_essay_ids();
-        let columns = OutboxColumns::of(&change.outbox);
-        let essay_ids: Vec<&str> = b.essays.iter().map(|e| e.essay_id.as_str()).collect();
-        let texts: Vec<&str> = b
-            .essays
+    async fn commit_inner(&self, unit: UnitOfWork) -> Result<Committed, CommitError> {
+        let mut committed = Committed::default();
+        let mut tx = self.begin().await?;
+        // 1. Lock every batch to update, in id order, and read its version.
+        let mut updates: Vec<&BatchWrite> = unit
+            .writes
             .iter()
-            .map(|e| e.text_storage_id.as_str())
+            .filter(|w| w.expected_version.is_some())
             .collect();
-        let corrected: Vec<Option<&str>> = b
-            .essays
-            .iter()
-            .map(|e| e.corrected_text_storage_id.as_deref())
-            .collect();
-        let head = match change.expected_version {
-            Some(_) => {
-                "UPDATE batches SET correlation_id = $3, class_id = $4, status = $5, context = $6, \
-                   pipeline_state = $7, orchestration = $8, total_essays = $9, failed_essay_ids = $10, \
-                   parked_request = $11, error_details = $12, updated_at = $13, completed_at = $14, \
-                   version = version + 1 \
-                 WHERE id = $1 AND version = $2 RETURNING version"
+        updates.sort_by(|a, b| a.batch.id.cmp(&b.batch.id));
+        let update_ids: Vec<String> = updates.iter().map(|w| w.batch.id.clone()).collect();
+        let current: BTreeMap<String, i64> = if update_ids.is_empty() {
+            BTreeMap::new()
+        } else {
+            sqlx::query_as::<_, (String, i64)>(
+                "SELECT id, version FROM batches WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            )
+            .bind(&update_ids)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::from)?
+            .into_iter()
+            .collect()
+        };
+        let mut winners: BTreeSet<String> = BTreeSet::new();
+        let mut columns = BatchColumns::default();
+        for w in &updates {
+            match current.get(&w.batch.id) {
+                None => {
+                    committed.missing.insert(w.batch.id.clone());
+                }
+                Some(&v) if Some(v) != w.expected_version => {
+                    committed.conflicts.insert(w.batch.id.clone());
+                }
+                Some(_) => columns.push(w)?,
             }
-            None => {
+        }
+        // 2. The updates that can win, in one statement.
+        if !columns.ids.is_empty() {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "UPDATE batches b SET correlation_id = u.correlation_id, class_id = u.class_id, \
+                   status = u.status, context = u.context::jsonb, pipeline_state = u.pipeline::jsonb, \
+                   orchestration = u.orchestration::jsonb, total_essays = u.total, \
+                   failed_essay_ids = u.failed::jsonb, parked_request = u.parked::jsonb, \
+                   error_details = u.errors::jsonb, updated_at = u.updated, \
+                   completed_at = u.completed, version = b.version + 1 \
+                 FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], \
+                             $7::text[], $8::text[], $9::int[], $10::text[], $11::text[], $12::text[], \
+                             $13::timestamptz[], $14::timestamptz[]) \
+                   AS u(id, expected, correlation_id, class_id, status, context, pipeline, \
+                        orchestration, total, failed, parked, errors, updated, completed) \
+                 WHERE b.id = u.id AND b.version = u.expected \
+                 RETURNING b.id, b.version",
+            )
+            .bind(&columns.ids)
+            .bind(&columns.expected)
+            .bind(&columns.correlations)
+            .bind(&columns.class_ids)
+            .bind(&columns.statuses)
+            .bind(&columns.contexts)
+            .bind(&columns.pipelines)
+            .bind(&columns.orchestrations)
+            .bind(&columns.totals)
+            .bind(&columns.failed)
+            .bind(&columns.parked)
+            .bind(&columns.errors)
+            .bind(&columns.updated)
+            .bind(&columns.completed)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+            for (id, version) in rows {
+                winners.insert(id.clone());
+                committed.versions.insert(id, version);
+            }
+            for id in &columns.ids {
+                if !winners.contains(id) {
+                    committed.conflicts.insert(id.clone());
+                }
+            }
+        }
+        // 3. New batches.
+        let mut creates = BatchColumns::default();
+        for w in unit.writes.iter().filter(|w| w.expected_version.is_none()) {
+            creates.push(w)?;
+        }
+        if !creates.ids.is_empty() {
+            let created: Vec<String> = sqlx::query_scalar(
                 "INSERT INTO batches (id, correlation_id, class_id, status, context, pipeline_state, \
                    orchestration, total_essays, failed_essay_ids, parked_request, error_details, \
                    version, created_at, updated_at, completed_at) \
-                 SELECT $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, $29, $13, $14 \
-                 WHERE $2::bigint IS NULL \
-                 ON CONFLICT (id) DO NOTHING RETURNING version"
-            }
-        };
-        let sql = format!(
-            "WITH upd AS ({head}), \
-             inbox AS ( \
-               INSERT INTO processed_events (event_id, topic, batch_id) \
-               SELECT $15, $16, $1 FROM upd WHERE $15::uuid IS NOT NULL), \
-             outbox AS ( \
-               INSERT INTO event_outbox (id, topic, message_key, event_type, correlation_id, payload, traceparent, created_at) \
-               SELECT t.id, t.topic, $1, t.topic, t.corr, t.payload::jsonb, t.trace, t.created \
-               FROM UNNEST($17::uuid[], $18::text[], $19::uuid[], $20::text[], $21::text[], $22::timestamptz[]) \
-                 WITH ORDINALITY AS t(id, topic, corr, payload, trace, created, n) \
-               WHERE EXISTS (SELECT 1 FROM upd) ORDER BY t.n), \
-             gone AS ( \
-               DELETE FROM batch_essays WHERE $23 AND batch_id = $1 AND NOT (essay_id = ANY($24::text[])) \
-                 AND EXISTS (SELECT 1 FROM upd)), \
-             essays AS ( \
-               INSERT INTO batch_essays (batch_id, essay_id, text_storage_id, corrected_text_storage_id, position) \
-               SELECT $1, e.id, e.text_id, e.corrected, (e.n - 1)::int \
-               FROM UNNEST($24::text[], $25::text[], $26::text[]) WITH ORDINALITY AS e(id, text_id, corrected, n) \
-               WHERE $23 AND EXISTS (SELECT 1 FROM upd) \
-               ON CONFLICT (batch_id, essay_id) DO UPDATE SET text_storage_id = EXCLUDED.text_storage_id, \
-                 corrected_text_storage_id = EXCLUDED.corrected_text_storage_id, position = EXCLUDED.position), \
-             snapshot AS ( \
-               INSERT INTO configuration_snapshots (batch_id, correlation_id, configuration) \
-               SELECT $1, $27, $28 FROM upd WHERE $28::jsonb IS NOT NULL) \
-             SELECT version FROM upd"
-        );
-        let version: Option<i64> = sqlx::query_scalar(&sql)
-            .bind(&b.id)
-            .bind(change.expected_version)
-            .bind(b.correlation_id)
-            .bind(&b.context.class_id)
-            .bind(b.status.as_str())
-            .bind(Json(&b.context))
-            .bind(Json(&b.pipeline))
-            .bind(Json(&b.orchestration))
-            .bind(b.essays.len() as i32)
-            .bind(Json(&failed_ids))
-            .bind(Json(&b.parked))
-            .bind(Json(&b.validation_errors))
-            .bind(b.updated_at)
-            .bind(b.completed_at)
-            .bind(change.inbox.as_ref().map(|r| r.event_id))
-            .bind(change.inbox.as_ref().map(|r| r.topic.as_str()))
-            .bind(&columns.ids)
-            .bind(&columns.topics)
-            .bind(&columns.correlations)
-            .bind(&columns.payloads)
-            .bind(&columns.traces)
-            .bind(&columns.created)
-            .bind(change.essays_changed)
-            .bind(&essay_ids)
-            .bind(&texts)
-            .bind(&corrected)
-            .bind(
-                b.orchestration
-                    .current_run
-                    .as_ref()
-                    .map(|r| r.correlation_id),
+                 SELECT u.id, u.correlation_id, u.class_id, u.status, u.context::jsonb, u.pipeline::jsonb, \
+                   u.orchestration::jsonb, u.total, u.failed::jsonb, u.parked::jsonb, u.errors::jsonb, \
+                   1, u.created, u.updated, u.completed \
+                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                             $7::text[], $8::int[], $9::text[], $10::text[], $11::text[], \
+                             $12::timestamptz[], $13::timestamptz[], $14::timestamptz[]) \
+                   AS u(id, correlation_id, class_id, status, context, pipeline, orchestration, total, \
+                        failed, parked, errors, created, updated, completed) \
+                 ORDER BY u.id \
+                 ON CONFLICT (id) DO NOTHING RETURNING id",
             )
-            .bind(change.snapshot.as_ref())
-            .bind(b.created_at)
-            .fetch_optional(&mut **tx)
-            .await?;
-        if fault == Some(Fault::AfterOutboxInsert) {
-            return Err(StoreError::Injected(Fault::AfterOutboxInsert));
-        }
-        let Some(version) = version else {
-            if change.expected_version.is_none() {
-                return Ok(ChangeOutcome::Conflict);
+            .bind(&creates.ids)
+            .bind(&creates.correlations)
+            .bind(&creates.class_ids)
+            .bind(&creates.statuses)
+            .bind(&creates.contexts)
+            .bind(&creates.pipelines)
+            .bind(&creates.orchestrations)
+            .bind(&creates.totals)
+            .bind(&creates.failed)
+            .bind(&creates.parked)
+            .bind(&creates.errors)
+            .bind(&creates.created)
+            .bind(&creates.updated)
+            .bind(&creates.completed)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+            let created: BTreeSet<String> = created.into_iter().collect();
+            for id in creates.ids {
+                if created.contains(&id) {
+                    committed.versions.insert(id.clone(), 1);
+                    winners.insert(id);
+                } else {
+                    committed.conflicts.insert(id);
+                }
             }
-            let exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM batches WHERE id = $1)")
-                    .bind(&b.id)
-                    .fetch_one(&mut **tx)
-                    .await?;
-            return Ok(if exists {
-                ChangeOutcome::Conflict
-            } else {
-                ChangeOutcome::NotFound
-            });
-        };
-        Ok(ChangeOutcome::Applied { version })
-    }
-}
-
-/// Outbox messages as column arrays for one `UNNEST` insert (all share the batch's key).
-struct OutboxColumns<'a> {
-    ids: Vec<Uuid>,
-    topics: Vec<&'static str>,
-    correlations: Vec<Uuid>,
-    payloads: Vec<String>,
-    traces: Vec<Option<&'a str>>,
-    created: Vec<Timestamp>,
-}
-
-impl<'a> OutboxColumns<'a> {
-    fn of(messages: &'a [crate::domain::OutboundMessage]) -> Self {
-        Self {
-            ids: messages.iter().map(|m| m.event_id).collect(),
-            topics: messages.iter().map(|m| m.topic).collect(),
-            correlations: messages.iter().map(|m| m.correlation_id).collect(),
-            payloads: messages.iter().map(|m| m.envelope.to_string()).collect(),
-            traces: messages.iter().map(|m| m.traceparent.as_deref()).collect(),
-            created: messages.iter().map(|m| m.occurred_at).collect(),
         }
+        // Rows of a batch with a write go in only when the write won.
+        let written = unit.batch_ids();
+        let keeps = |batch_id: &str| winners.contains(batch_id) || !written.contains(batch_id);
+        // 4. The inbox, in event-id order.
+        let mut inbox: Vec<_> = unit.inbox.iter().filter(|r| keeps(&r.batch_id)).collect();
+        inbox.sort_by_key(|r| r.event_id);
+        if !inbox.is_empty() {
+            let ids: Vec<Uuid> = inbox.iter().map(|r| r.event_id).collect();
+            let topics: Vec<&str> = inbox.iter().map(|r| r.topic.as_str()).collect();
+            let batches: Vec<&str> = inbox.iter().map(|r| r.batch_id.as_str()).collect();
+            let inserted: HashSet<Uuid> = sqlx::query_scalar(
+                "INSERT INTO processed_events (event_id, topic, batch_id) \
+                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[]) \
+                 ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+            )
+            .bind(&ids)
+            .bind(&topics)
+            .bind(&batches)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::from)?
+            .into_iter()
+            .collect();
+            let mut raced = BTreeSet::new();
+            for r in &inbox {
+                if !inserted.contains(&r.event_id) {
+                    if winners.contains(&r.batch_id) {
+                        raced.insert(r.event_id);
+                    } else {
+                        committed.already_processed.insert(r.event_id);
+                    }
+                }
+            }
+            if !raced.is_empty() {
+                tx.rollback().await.map_err(StoreError::from)?;
+                return Err(CommitError::Processed(raced));
+            }
+        }
+        // 5. Essays of the batches whose essays changed.
+        let changed: Vec<&BatchWrite> = unit
+            .writes
+            .iter()
+            .filter(|w| w.essays_changed && winners.contains(&w.batch.id))
+            .collect();
+        if !changed.is_empty() {
+            let ids: Vec<&str> = changed.iter().map(|w| w.batch.id.as_str()).collect();
+            sqlx::query("DELETE FROM batch_essays WHERE batch_id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+            let (mut batch, mut essay, mut text, mut corrected, mut position) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for w in &changed {
+                for (i, e) in w.batch.essays.iter().enumerate() {
+                    batch.push(w.batch.id.as_str());
+                    essay.push(e.essay_id.as_str());
+                    text.push(e.text_storage_id.as_str());
+                    corrected.push(e.corrected_text_storage_id.as_deref());
+                    position.push(i32::try_from(i).unwrap_or(i32::MAX));
+                }
+            }
+            sqlx::query(
+                "INSERT INTO batch_essays (batch_id, essay_id, text_storage_id, corrected_text_storage_id, position) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])",
+            )
+            .bind(&batch)
+            .bind(&essay)
+            .bind(&text)
+            .bind(&corrected)
+            .bind(&position)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
+        // 6. The outbox, in decision order.
+        let outbox: Vec<_> = unit.outbox.iter().filter(|m| keeps(&m.key)).collect();
+        if !outbox.is_empty() {
+            let ids: Vec<Uuid> = outbox.iter().map(|m| m.event_id).collect();
+            let topics: Vec<&str> = outbox.iter().map(|m| m.topic).collect();
+            let keys: Vec<&str> = outbox.iter().map(|m| m.key.as_str()).collect();
+            let correlations: Vec<Uuid> = outbox.iter().map(|m| m.correlation_id).collect();
+            let payloads: Vec<&str> = outbox.iter().map(|m| m.payload.as_str()).collect();
+            let traces: Vec<Option<&str>> =
+                outbox.iter().map(|m| m.traceparent.as_deref()).collect();
+            let created: Vec<Timestamp> = outbox.iter().map(|m| m.occurred_at).collect();
+            sqlx::query(
+                "INSERT INTO event_outbox (id, topic, message_key, event_type, correlation_id, payload, traceparent, created_at) \
+                 SELECT t.id, t.topic, t.key, t.topic, t.corr, t.payload, t.trace, t.created \
+                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::timestamptz[]) \
+                   WITH ORDINALITY AS t(id, topic, key, corr, payload, trace, created, n) \
+                 ORDER BY t.n",
+            )
+            .bind(&ids)
+            .bind(&topics)
+            .bind(&keys)
+            .bind(&correlations)
+            .bind(&payloads)
+            .bind(&traces)
+            .bind(&created)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
+        // 7. The phase-status log and 8. configuration snapshots.
+        let (mut batch, mut phase, mut old, mut new, mut corr, mut done) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        let (mut s_batch, mut s_corr, mut s_config) = (Vec::new(), Vec::new(), Vec::new());
+        for w in unit.writes.iter().filter(|w| winners.contains(&w.batch.id)) {
+            for t in &w.transitions {
+                batch.push(w.batch.id.as_str());
+                phase.push(t.phase.as_str());
+                old.push(t.from.as_str());
+                new.push(t.to.as_str());
+                corr.push(t.correlation_id);
+                done.push(t.completed_at);
+            }
+            for (correlation, config) in &w.snapshots {
+                s_batch.push(w.batch.id.as_str());
+                s_corr.push(*correlation);
+                s_config.push(config.to_string());
+            }
+        }
+        if !batch.is_empty() {
+            sqlx::query(
+                "INSERT INTO phase_status_log (batch_id, phase, old_status, new_status, correlation_id, completed_at) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::timestamptz[])",
+            )
+            .bind(&batch)
+            .bind(&phase)
+            .bind(&old)
+            .bind(&new)
+            .bind(&corr)
+            .bind(&done)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
+        if !s_batch.is_empty() {
+            sqlx::query(
+                "INSERT INTO configuration_snapshots (batch_id, correlation_id, configuration) \
+                 SELECT b, c, s::jsonb FROM UNNEST($1::text[], $2::uuid[], $3::text[]) AS t(b, c, s)",
+            )
+            .bind(&s_batch)
+            .bind(&s_corr)
+            .bind(&s_config)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(committed)
     }
 }
 
-async fn write_essays(
-    conn: &mut sqlx::PgConnection,
-    batch_id: &str,
-    essays: &[BatchEssay],
-) -> StoreResult<()> {
-    sqlx::query("DELETE FROM batch_essays WHERE batch_id = $1")
-        .bind(batch_id)
-        .execute(&mut *conn)
-        .await?;
-    let ids: Vec<&str> = essays.iter().map(|e| e.essay_id.as_str()).collect();
-    let texts: Vec<&str> = essays.iter().map(|e| e.text_storage_id.as_str()).collect();
-    let corrected: Vec<Option<&str>> = essays
-        .iter()
-        .map(|e| e.corrected_text_storage_id.as_deref())
-        .collect();
-    sqlx::query(
-        "INSERT INTO batch_essays (batch_id, essay_id, text_storage_id, corrected_text_storage_id, position) \
-         SELECT $1, essay_id, text_id, corrected_id, (n - 1)::int \
-         FROM UNNEST($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(essay_id, text_id, corrected_id, n) \
-         ON CONFLICT (batch_id, essay_id) DO UPDATE SET text_storage_id = EXCLUDED.text_storage_id, \
-           corrected_text_storage_id = EXCLUDED.corrected_text_storage_id, position = EXCLUDED.position",
-    )
-    .bind(batch_id)
-    .bind(&ids)
-    .bind(&texts)
-    .bind(&corrected)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+/// `host:port/database` of a URL, for messages (never the credentials).
+fn target_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let rest = rest.split('?').next().unwrap_or(rest);
+    if rest.is_empty() {
+        "(empty URL)".to_owned()
+    } else {
+        rest.to_owned()
+    }
 }
 
 fn outbox_from_row(row: &PgRow) -> StoreResult<OutboxRow> {
@@ -342,8 +527,18 @@ fn outbox_from_row(row: &PgRow) -> StoreResult<OutboxRow> {
         attempts: row.try_get("attempts")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
         last_error: row.try_get("last_error")?,
+        claimed_by: row.try_get("claimed_by")?,
         claimed_until: row.try_get("claimed_until")?,
     })
+}
+
+macro_rules! timed {
+    ($self:ident, $op:literal, $body:expr) => {{
+        let started = Instant::now();
+        let result = $body;
+        $self.observe($op, started, result.is_ok());
+        result
+    }};
 }
 
 #[async_trait]
@@ -354,7 +549,9 @@ impl Repository for PgRepository {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        timed!(self, "ping", {
+            sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+        })?;
         Ok(())
     }
 
@@ -387,154 +584,230 @@ impl Repository for PgRepository {
     }
 
     async fn get_batches(&self, ids: &[String]) -> StoreResult<Vec<Batch>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let sql = format!("SELECT {BATCH_COLUMNS} FROM batches b WHERE b.id = ANY($1)");
-        let rows = sqlx::query(&sql).bind(ids).fetch_all(&self.pool).await?;
+        let rows = timed!(self, "get_batches", {
+            sqlx::query(&sql).bind(ids).fetch_all(&self.pool).await
+        })?;
         rows.iter().map(batch_from_row).collect()
     }
 
-    async fn get_batch_by_id(&self, id: &str) -> StoreResult<Option<Batch>> {
-        let sql = format!("SELECT {BATCH_COLUMNS} FROM batches b WHERE b.id = $1");
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(batch_from_row).transpose()
-    }
-
-    async fn update_batch_status(
-        &self,
-        id: &str,
-        expected_version: i64,
-        status: BatchStatus,
-    ) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE batches SET status = $3, version = version + 1, updated_at = now() \
-             WHERE id = $1 AND version = $2",
-        )
-        .bind(id)
-        .bind(expected_version)
-        .bind(status.as_str())
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn store_batch_context(
-        &self,
-        id: &str,
-        expected_version: i64,
-        context: &BatchContext,
-    ) -> StoreResult<bool> {
-        let value = serde_json::to_value(context).map_err(|e| StoreError::Corrupt {
-            id: id.to_owned(),
-            error: e.to_string(),
-        })?;
-        self.swap(id, expected_version, "context", value).await
-    }
-
-    async fn get_batch_context(&self, id: &str) -> StoreResult<Option<BatchContext>> {
-        self.column(id, "context").await
-    }
-
-    async fn store_batch_essays(
-        &self,
-        id: &str,
-        expected_version: i64,
-        essays: &[BatchEssay],
-    ) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE batches SET total_essays = $3, version = version + 1, updated_at = now() \
-             WHERE id = $1 AND version = $2",
-        )
-        .bind(id)
-        .bind(expected_version)
-        .bind(essays.len() as i32)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
+    async fn processed(&self, ids: &[Uuid]) -> StoreResult<HashSet<Uuid>> {
+        if ids.is_empty() {
+            return Ok(HashSet::new());
         }
-        write_essays(&mut tx, id, essays).await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    async fn get_batch_essays(&self, id: &str) -> StoreResult<Option<Vec<BatchEssay>>> {
-        Ok(self.get_batch_by_id(id).await?.map(|b| b.essays))
-    }
-
-    async fn get_processing_pipeline_state(&self, id: &str) -> StoreResult<Option<PipelineState>> {
-        self.column(id, "pipeline_state").await
-    }
-
-    async fn save_processing_pipeline_state(
-        &self,
-        id: &str,
-        expected_version: i64,
-        state: &PipelineState,
-    ) -> StoreResult<bool> {
-        let value = serde_json::to_value(state).map_err(|e| StoreError::Corrupt {
-            id: id.to_owned(),
-            error: e.to_string(),
+        let found: Vec<Uuid> = timed!(self, "processed", {
+            sqlx::query_scalar("SELECT event_id FROM processed_events WHERE event_id = ANY($1)")
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await
         })?;
-        self.swap(id, expected_version, "pipeline_state", value)
+        Ok(found.into_iter().collect())
+    }
+
+    async fn commit(&self, unit: UnitOfWork) -> Result<Committed, CommitError> {
+        if unit.is_empty() {
+            return Ok(Committed::default());
+        }
+        let started = Instant::now();
+        let result = self.commit_inner(unit).await;
+        self.observe("commit", started, result.is_ok());
+        result
+    }
+
+    async fn claim_outbox(
+        &self,
+        relay: Uuid,
+        limit: i64,
+        lease: Duration,
+    ) -> StoreResult<Vec<OutboxRow>> {
+        let rows = timed!(self, "claim_outbox", {
+            sqlx::query(
+                "WITH heads AS ( \
+                   SELECT o.message_key FROM event_outbox o \
+                   WHERE o.published_at IS NULL AND o.next_attempt_at <= now() \
+                     AND (o.claimed_until IS NULL OR o.claimed_until < now()) \
+                     AND NOT EXISTS (SELECT 1 FROM event_outbox p WHERE p.message_key = o.message_key \
+                                     AND p.published_at IS NULL AND p.seq < o.seq) \
+                   ORDER BY o.seq LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                 picked AS ( \
+                   SELECT e.id FROM event_outbox e JOIN heads h ON h.message_key = e.message_key \
+                   WHERE e.published_at IS NULL AND (e.claimed_until IS NULL OR e.claimed_until < now()) \
+                   ORDER BY e.seq LIMIT $2) \
+                 UPDATE event_outbox u SET claimed_by = $1, claimed_until = now() + $3 \
+                 FROM picked WHERE u.id = picked.id \
+                 RETURNING u.*",
+            )
+            .bind(relay)
+            .bind(limit)
+            .bind(lease)
+            .fetch_all(&self.pool)
             .await
+        })?;
+        let mut rows: Vec<OutboxRow> = rows
+            .iter()
+            .map(outbox_from_row)
+            .collect::<StoreResult<_>>()?;
+        rows.sort_by_key(|r| r.seq);
+        Ok(rows)
     }
 
-    async fn update_phase_status_atomically(
+    async fn renew_outbox_lease(&self, relay: Uuid, ids: &[Uuid], lease: Duration) -> StoreResult<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = timed!(self, "renew_outbox_lease", {
+            sqlx::query(
+                "UPDATE event_outbox SET claimed_until = now() + $3 \
+                 WHERE id = ANY($2) AND claimed_by = $1 AND published_at IS NULL",
+            )
+            .bind(relay)
+            .bind(ids)
+            .bind(lease)
+            .execute(&self.pool)
+            .await
+        })?;
+        Ok(done.rows_affected())
+    }
+
+    async fn settle_outbox(
         &self,
-        id: &str,
-        phase: PhaseName,
-        expected: PipelineExecutionStatus,
-        new: PipelineExecutionStatus,
-        completed_at: Option<Timestamp>,
-        correlation_id: Option<Uuid>,
-    ) -> StoreResult<bool> {
-        let completed_text = completed_at.as_ref().map(contracts::time::format);
-        let logged: Option<i64> = sqlx::query_scalar(
-            "WITH swapped AS ( \
-               UPDATE batches SET pipeline_state = pipeline_state || jsonb_build_object($2::text, \
-                   coalesce(pipeline_state -> $2, '{}'::jsonb) \
-                   || jsonb_build_object('status', $4::text) \
-                   || CASE WHEN $5::text IS NULL THEN '{}'::jsonb \
-                           ELSE jsonb_build_object('completed_at', $5::text) END), \
-                 version = version + 1, updated_at = now() \
-               WHERE id = $1 \
-                 AND coalesce(pipeline_state -> $2 ->> 'status', 'pending_dependencies') = $3 \
-               RETURNING id) \
-             INSERT INTO phase_status_log (batch_id, phase, old_status, new_status, correlation_id, completed_at) \
-             SELECT id, $2, $3, $4, $6, $7 FROM swapped RETURNING id",
+        relay: Uuid,
+        published: &[Uuid],
+        failed: &[PublishFailure],
+        released: &[Uuid],
+    ) -> StoreResult<u64> {
+        let started = Instant::now();
+        let mut tx = self.begin().await?;
+        let mut settled = 0;
+        if !published.is_empty() {
+            settled += sqlx::query(
+                "UPDATE event_outbox SET published_at = now(), claimed_by = NULL, claimed_until = NULL, \
+                   attempts = attempts + 1, last_error = NULL \
+                 WHERE id = ANY($2) AND claimed_by = $1 AND published_at IS NULL",
+            )
+            .bind(relay)
+            .bind(published)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        if !failed.is_empty() {
+            let ids: Vec<Uuid> = failed.iter().map(|f| f.id).collect();
+            let errors: Vec<&str> = failed.iter().map(|f| f.error.as_str()).collect();
+            let next: Vec<Timestamp> = failed.iter().map(|f| f.next_attempt_at).collect();
+            settled += sqlx::query(
+                "UPDATE event_outbox o SET attempts = o.attempts + 1, last_error = f.error, \
+                   next_attempt_at = f.next, claimed_by = NULL, claimed_until = NULL \
+                 FROM UNNEST($2::uuid[], $3::text[], $4::timestamptz[]) AS f(id, error, next) \
+                 WHERE o.id = f.id AND o.claimed_by = $1 AND o.published_at IS NULL",
+            )
+            .bind(relay)
+            .bind(&ids)
+            .bind(&errors)
+            .bind(&next)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        if !released.is_empty() {
+            settled += sqlx::query(
+                "UPDATE event_outbox SET claimed_by = NULL, claimed_until = NULL \
+                 WHERE id = ANY($2) AND claimed_by = $1",
+            )
+            .bind(relay)
+            .bind(released)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        let result = tx.commit().await;
+        self.observe("settle_outbox", started, result.is_ok());
+        result?;
+        Ok(settled)
+    }
+
+    async fn purge_outbox(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
+        let done = timed!(self, "purge_outbox", {
+            sqlx::query(
+                "DELETE FROM event_outbox WHERE id IN (SELECT id FROM event_outbox \
+                   WHERE published_at IS NOT NULL AND published_at < $1 LIMIT $2)",
+            )
+            .bind(before)
+            .bind(limit)
+            .execute(&self.pool)
+            .await
+        })?;
+        Ok(done.rows_affected())
+    }
+
+    async fn purge_inbox(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
+        let done = timed!(self, "purge_inbox", {
+            sqlx::query(
+                "DELETE FROM processed_events WHERE event_id IN (SELECT event_id FROM processed_events \
+                   WHERE processed_at < $1 LIMIT $2)",
+            )
+            .bind(before)
+            .bind(limit)
+            .execute(&self.pool)
+            .await
+        })?;
+        Ok(done.rows_affected())
+    }
+
+    async fn outbox_stats(&self) -> StoreResult<OutboxStats> {
+        let row = timed!(self, "outbox_stats", {
+            sqlx::query(
+                "SELECT count(*) AS n, \
+                   coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS age, \
+                   count(*) FILTER (WHERE attempts > 0) AS failing \
+                 FROM event_outbox WHERE published_at IS NULL",
+            )
+            .fetch_one(&self.pool)
+            .await
+        })?;
+        Ok(OutboxStats {
+            unpublished: row.try_get("n")?,
+            oldest_unpublished_age_seconds: row.try_get("age")?,
+            failing: row.try_get("failing")?,
+        })
+    }
+
+    async fn outbox_rows(&self, key: Option<&str>) -> StoreResult<Vec<OutboxRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM event_outbox WHERE ($1::text IS NULL OR message_key = $1) ORDER BY seq",
         )
-        .bind(id)
-        .bind(phase.as_str())
-        .bind(expected.as_str())
-        .bind(new.as_str())
-        .bind(completed_text)
-        .bind(correlation_id)
-        .bind(completed_at)
-        .fetch_optional(&self.pool)
+        .bind(key)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(logged.is_some())
+        rows.iter().map(outbox_from_row).collect()
     }
 
-    async fn get_phase_status_history(
-        &self,
-        id: &str,
-        phase: Option<PhaseName>,
-    ) -> StoreResult<Vec<PhaseStatusChange>> {
+    async fn stuck_outbox_rows(&self, limit: i64) -> StoreResult<Vec<OutboxRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM event_outbox WHERE published_at IS NULL AND attempts > 0 \
+             ORDER BY attempts DESC, seq LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(outbox_from_row).collect()
+    }
+
+    async fn phase_history(&self, batch_id: &str) -> StoreResult<Vec<PhaseStatusChange>> {
         let rows = sqlx::query(
             "SELECT batch_id, phase, old_status, new_status, correlation_id, completed_at \
-             FROM phase_status_log WHERE batch_id = $1 AND ($2::text IS NULL OR phase = $2) ORDER BY id",
+             FROM phase_status_log WHERE batch_id = $1 ORDER BY id",
         )
-        .bind(id)
-        .bind(phase.map(PhaseName::as_str))
+        .bind(batch_id)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
             .map(|row| {
                 let corrupt = |what: &str| StoreError::Corrupt {
-                    id: id.to_owned(),
+                    id: batch_id.to_owned(),
                     error: format!("phase_status_log.{what}"),
                 };
                 let phase: String = row.try_get("phase")?;
@@ -554,187 +827,36 @@ impl Repository for PgRepository {
             .collect()
     }
 
-    async fn apply(&self, changes: Vec<Change>) -> StoreResult<Vec<ChangeOutcome>> {
-        let fault = self.take_fault();
-        let mut tx = self.pool.begin().await?;
-        // Events applied before: one look-up for the whole list. An event that
-        // another worker records concurrently trips the inbox's primary key
-        // instead, failing the transaction, and the retry then sees it here.
-        let events: Vec<Uuid> = changes
-            .iter()
-            .filter_map(|c| c.inbox.as_ref().map(|r| r.event_id))
-            .collect();
-        let mut seen: std::collections::HashSet<Uuid> = if events.is_empty() {
-            Default::default()
-        } else {
-            sqlx::query_scalar::<_, Uuid>(
-                "SELECT event_id FROM processed_events WHERE event_id = ANY($1)",
-            )
-            .bind(&events)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect()
-        };
-        let mut outcomes = Vec::with_capacity(changes.len());
-        let mut failed = std::collections::HashSet::new();
-        for change in changes {
-            let id = change.batch.id.clone();
-            let event = change.inbox.as_ref().map(|r| r.event_id);
-            // A later change to a batch was decided on top of the earlier one.
-            let outcome = if failed.contains(&id) {
-                ChangeOutcome::Conflict
-            } else if event.is_some_and(|e| seen.contains(&e)) {
-                ChangeOutcome::Duplicate
-            } else {
-                self.apply_change(&mut tx, change, fault).await?
-            };
-            match outcome {
-                ChangeOutcome::Applied { .. } => seen.extend(event),
-                _ => {
-                    failed.insert(id);
-                }
-            }
-            outcomes.push(outcome);
-        }
-        tx.commit().await?;
-        Ok(outcomes)
-    }
-
-    async fn inbox_contains(&self, event_id: Uuid) -> StoreResult<bool> {
-        Ok(
-            sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM processed_events WHERE event_id = $1)",
-            )
-            .bind(event_id)
-            .fetch_one(&self.pool)
-            .await?,
-        )
-    }
-
-    async fn outbox_rows(&self, key: Option<&str>) -> StoreResult<Vec<OutboxRow>> {
-        let rows = sqlx::query(
-            "SELECT * FROM event_outbox WHERE ($1::text IS NULL OR message_key = $1) ORDER BY seq",
-        )
-        .bind(key)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(outbox_from_row).collect()
-    }
-
-    async fn configuration_snapshots(&self, id: &str) -> StoreResult<Vec<Value>> {
-        Ok(sqlx::query_scalar(
-            "SELECT configuration FROM configuration_snapshots WHERE batch_id = $1 ORDER BY id",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn claim_outbox(&self, keys: i64, lease: Duration) -> StoreResult<Vec<OutboxRow>> {
-        let mut tx = self.pool.begin().await?;
-        let heads: Vec<String> = sqlx::query_scalar(
-            "SELECT o.message_key FROM event_outbox o \
-             WHERE o.published_at IS NULL AND o.next_attempt_at <= now() \
-               AND (o.claimed_until IS NULL OR o.claimed_until < now()) \
-               AND NOT EXISTS (SELECT 1 FROM event_outbox p WHERE p.message_key = o.message_key \
-                               AND p.published_at IS NULL AND p.seq < o.seq) \
-             ORDER BY o.seq LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(keys)
-        .fetch_all(&mut *tx)
-        .await?;
-        if heads.is_empty() {
-            tx.commit().await?;
-            return Ok(Vec::new());
-        }
-        let rows = sqlx::query(
-            "UPDATE event_outbox SET claimed_until = now() + $2 \
-             WHERE published_at IS NULL AND message_key = ANY($1) \
-               AND (claimed_until IS NULL OR claimed_until < now()) \
-             RETURNING *",
-        )
-        .bind(&heads)
-        .bind(lease)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        let mut rows: Vec<OutboxRow> = rows
-            .iter()
-            .map(outbox_from_row)
-            .collect::<StoreResult<_>>()?;
-        rows.sort_by_key(|r| r.seq);
-        Ok(rows)
-    }
-
-    async fn settle_outbox(
-        &self,
-        published: &[Uuid],
-        failed: &[(Uuid, String, Timestamp)],
-        released: &[Uuid],
-    ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        if !published.is_empty() {
-            sqlx::query(
-                "UPDATE event_outbox SET published_at = now(), claimed_until = NULL, \
-                   attempts = attempts + 1, last_error = NULL WHERE id = ANY($1)",
-            )
-            .bind(published)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !failed.is_empty() {
-            let ids: Vec<Uuid> = failed.iter().map(|f| f.0).collect();
-            let errors: Vec<&str> = failed.iter().map(|f| f.1.as_str()).collect();
-            let next: Vec<Timestamp> = failed.iter().map(|f| f.2).collect();
-            sqlx::query(
-                "UPDATE event_outbox o SET attempts = o.attempts + 1, last_error = f.error, \
-                   next_attempt_at = f.next, claimed_until = NULL \
-                 FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS f(id, error, next) \
-                 WHERE o.id = f.id",
-            )
-            .bind(&ids)
-            .bind(&errors)
-            .bind(&next)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !released.is_empty() {
-            sqlx::query("UPDATE event_outbox SET claimed_until = NULL WHERE id = ANY($1)")
-                .bind(released)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn purge_outbox(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "DELETE FROM event_outbox WHERE id IN (SELECT id FROM event_outbox \
-               WHERE published_at IS NOT NULL AND published_at < $1 LIMIT $2)",
-        )
-        .bind(before)
-        .bind(limit)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn outbox_stats(&self) -> StoreResult<OutboxStats> {
-        let row = sqlx::query(
-            "SELECT count(*) AS n, coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS age \
-             FROM event_outbox WHERE published_at IS NULL",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(OutboxStats {
-            unpublished: row.try_get("n")?,
-            oldest_unpublished_age_seconds: row.try_get("age")?,
+    fn pool_status(&self) -> Option<super::PoolStatus> {
+        Some(super::PoolStatus {
+            size: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+            max: self.pool.options().get_max_connections(),
         })
     }
 
-    fn inject_fault(&self, fault: Fault) {
-        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(fault);
+    async fn database_report(&self) -> StoreResult<super::DatabaseReport> {
+        let row = sqlx::query(
+            "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()) AS active, \
+                    pg_size_pretty(pg_database_size(current_database())) AS size, \
+                    (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                       AND state = 'active' AND now() - query_start > interval '5 minutes') AS long_running",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(super::DatabaseReport {
+            active_connections: row.try_get("active")?,
+            database_size: row.try_get("size")?,
+            long_running_queries: row.try_get("long_running")?,
+        })
+    }
+
+    async fn configuration_snapshots(&self, batch_id: &str) -> StoreResult<Vec<Value>> {
+        Ok(sqlx::query_scalar(
+            "SELECT configuration FROM configuration_snapshots WHERE batch_id = $1 ORDER BY id",
+        )
+        .bind(batch_id)
+        .fetch_all(&self.pool)
+        .await?)
     }
 }
