@@ -37,6 +37,11 @@ fn base(kafka: &KafkaSettings, defaults: &[(&str, &str)]) -> ClientConfig {
     config
 }
 
+/// A plain client configuration: the bootstrap servers and the operator's properties.
+pub fn client_config(kafka: &KafkaSettings) -> ClientConfig {
+    base(kafka, &[])
+}
+
 /// Consumer settings: offsets stored by bos only after a record is done, and
 /// committed by librdkafka in the background (and on revoke and close).
 pub fn consumer_config(kafka: &KafkaSettings) -> ClientConfig {

@@ -1,4 +1,5 @@
-//! Dead-letter replay: re-injects letters into their source topic.
+//! Dead letters: list them with their `dlq.*` headers, or replay them into
+//! their source topic.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -6,6 +7,7 @@ use std::time::Duration;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Serialize;
 
 use crate::config::KafkaSettings;
 use crate::contracts::{time, topics};
@@ -39,8 +41,7 @@ pub async fn replay(
 ) -> Result<Replayed, ReplayError> {
     let source = kafka.topic(topic);
     let dlq = format!("{source}{}", topics::DLQ_SUFFIX);
-    let consumer: StreamConsumer = kafka
-        .client_config()
+    let consumer: StreamConsumer = crate::kafka::client_config(kafka)
         .set("group.id", format!("{}-dlq-replay", kafka.group_id))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
@@ -127,4 +128,80 @@ fn targets(
         targets.insert(element.partition(), (next, high));
     }
     Ok(targets)
+}
+
+/// One dead letter, as `bos dlq list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Letter {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    /// The `dlq.*` headers (reason, error, source topic/partition/offset, failed_at).
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub payload: String,
+}
+
+/// Reads every letter of `<topic>.dlq` present now, from the beginning, without
+/// committing anything (it joins no group).
+pub async fn list(kafka: &KafkaSettings, topic: &str, limit: usize) -> Result<Vec<Letter>, ReplayError> {
+    let dlq = format!("{}{}", kafka.topic(topic), topics::DLQ_SUFFIX);
+    let consumer: StreamConsumer = crate::kafka::client_config(kafka)
+        .set("group.id", format!("{}-dlq-list", kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(&dlq), Duration::from_secs(10))?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    let mut targets: HashMap<i32, i64> = HashMap::new();
+    for t in metadata.topics() {
+        if t.error().is_some() || t.partitions().is_empty() {
+            return Err(ReplayError::NotAssigned(dlq));
+        }
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(&dlq, p.id(), Duration::from_secs(10))?;
+            if high > low {
+                targets.insert(p.id(), high);
+                assignment.add_partition_offset(&dlq, p.id(), rdkafka::Offset::Offset(low))?;
+            }
+        }
+    }
+    let mut letters = Vec::new();
+    if targets.is_empty() {
+        return Ok(letters);
+    }
+    consumer.assign(&assignment)?;
+    let mut done: HashMap<i32, bool> = targets.keys().map(|&p| (p, false)).collect();
+    while letters.len() < limit && done.values().any(|d| !d) {
+        let Ok(message) = tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await else {
+            break;
+        };
+        let message = message?;
+        let headers = message
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .filter(|h| h.key.starts_with("dlq."))
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        letters.push(Letter {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            headers,
+            payload: String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
+        });
+        if targets
+            .get(&message.partition())
+            .is_some_and(|&high| message.offset() + 1 >= high)
+        {
+            done.insert(message.partition(), true);
+        }
+    }
+    Ok(letters)
 }

@@ -14,21 +14,21 @@ use anyhow::Context;
 use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Message, Timestamp as KafkaTimestamp};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use crate::config::{ConsumerSettings, KafkaSettings, RelaySettings};
-use crate::consumer::{self, Handler, Worker};
-use crate::contracts::{topics, BatchStatus, CourseCode, EssayRef};
-use crate::domain::{Env, RandomIds, Rules};
-use crate::embedded::EmbeddedKafka;
-use crate::metrics::Metrics;
-use crate::outbox::{idempotent_producer, NotifyWake, PgWake, Relay, Wake};
-use crate::store::{MemoryRepository, PgRepository, PostgresSettings, Repository};
-use crate::upstream;
+use super::embedded::EmbeddedKafka;
+use super::upstream;
+use crate::app::{Application, Role};
+use crate::config::{KafkaSettings, Settings, StoreKind};
+use crate::contracts::{
+    topics, BatchStatus, ContentType, CourseCode, EssayRef, StorageRef, StorageReferenceMetadata,
+};
+use crate::domain::{CreditAnswers, Env, RandomIds, Rules};
+use crate::store::UnitOfWork;
 
 /// Options of `bos demo`.
 #[derive(Debug, Clone)]
@@ -44,6 +44,7 @@ pub struct DemoOptions {
     pub seed: u64,
     /// Upper bound of the essay lifecycle service's answer delay.
     pub max_delay: Duration,
+    /// PostgreSQL instead of the in-memory store.
     pub database_url: Option<String>,
     pub timeout: Duration,
 }
@@ -87,6 +88,8 @@ struct Observed {
     topic: String,
     key: String,
     value: Value,
+    /// When the relay produced it (ms since the epoch).
+    produced_ms: Option<i64>,
 }
 
 /// The demo's closing numbers.
@@ -136,11 +139,11 @@ impl Summary {
         );
         row("dead letters", self.dead_letters.to_string());
         row(
-            "event→command latency p50 (ms)",
+            "bos hop: event produced→command p50 (ms)",
             format!("{:.1}", self.percentile(0.5)),
         );
         row(
-            "event→command latency p99 (ms)",
+            "bos hop: event produced→command p99 (ms)",
             format!("{:.1}", self.percentile(0.99)),
         );
         row(
@@ -165,10 +168,10 @@ fn observe(
     topics: Vec<String>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<mpsc::UnboundedReceiver<Observed>> {
-    let consumer: StreamConsumer = kafka
-        .client_config()
+    let consumer: StreamConsumer = crate::kafka::client_config(kafka)
         .set("group.id", format!("bos-demo-observer-{}", Uuid::new_v4()))
         .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
         .create()?;
     let mut assignment = rdkafka::TopicPartitionList::new();
     for topic in &topics {
@@ -190,7 +193,12 @@ fn observe(
                 m = stream.next() => m,
             };
             let Some(Ok(m)) = message else { break };
+            let produced_ms = match m.timestamp() {
+                KafkaTimestamp::CreateTime(ms) | KafkaTimestamp::LogAppendTime(ms) => Some(ms),
+                KafkaTimestamp::NotAvailable => None,
+            };
             let observed = Observed {
+                produced_ms,
                 topic: m
                     .topic()
                     .strip_prefix(&prefix)
@@ -213,25 +221,40 @@ fn observe(
     Ok(rx)
 }
 
-/// Sends events the way the upstream services do, some of them twice.
+/// Sends events the way the upstream services do, some of them twice, and
+/// remembers when each batch's latest event was produced.
 #[derive(Clone)]
 struct Fleet {
     producer: FutureProducer,
     kafka: KafkaSettings,
+    produced: Arc<std::sync::Mutex<HashMap<String, i64>>>,
 }
 
 impl Fleet {
     async fn send_bytes(&self, topic: &str, key: &str, bytes: &[u8]) -> anyhow::Result<()> {
         let topic = self.kafka.topic(topic);
+        let now = chrono::Utc::now().timestamp_millis();
+        self.produced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.to_owned(), now);
         self.producer
             .send(
-                FutureRecord::to(&topic).key(key).payload(bytes),
+                FutureRecord::to(&topic).key(key).payload(bytes).timestamp(now),
                 Duration::from_secs(30),
             )
             .await
             .map_err(|(e, _)| e)
             .context("producing an upstream event")?;
         Ok(())
+    }
+
+    fn produced_at(&self, key: &str) -> Option<i64> {
+        self.produced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .copied()
     }
 
     /// Sends `data`; `twice` re-sends the identical record (a redelivery).
@@ -274,7 +297,7 @@ impl Progress {
         }
         let multi = MultiProgress::new();
         let style = ProgressStyle::with_template("{prefix:>14} [{bar:40}] {pos}/{len}")
-            .expect("valid template")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ");
         let mut bars = HashMap::new();
         for name in [
@@ -343,83 +366,79 @@ impl Progress {
 pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let embedded = EmbeddedKafka::start().context("starting the in-process Kafka")?;
-    let mut kafka = KafkaSettings::new(embedded.bootstrap_servers());
-    kafka.topic_prefix = "demo.".to_owned();
-    kafka.librdkafka = vec![
-        ("topic.metadata.refresh.interval.ms".into(), "500".into()),
-        ("session.timeout.ms".into(), "6000".into()),
-        ("heartbeat.interval.ms".into(), "500".into()),
-        // The mock broker holds a fetch until this passes even when data arrives.
-        ("fetch.wait.max.ms".into(), "10".into()),
-        ("log_level".into(), "3".into()),
-    ];
-    embedded.create_topics(&kafka.topic_prefix, 3)?;
-
-    let (repo, pg_pool): (Arc<dyn Repository>, _) = match &options.database_url {
-        Some(url) => {
-            let repo = PgRepository::connect(&PostgresSettings::new(url.clone()))
-                .await
-                .context("connecting to DATABASE_URL")?;
-            repo.migrate().await?;
-            let pool = repo.pool().clone();
-            (Arc::new(repo), Some(pool))
-        }
-        None => (Arc::new(MemoryRepository::new()), None),
-    };
+    let mut settings = Settings::defaults();
+    settings.kafka = KafkaSettings::new(embedded.bootstrap_servers());
+    settings.kafka.topic_prefix = "demo.".to_owned();
+    settings.kafka.librdkafka = [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "500"),
+        ("topic.metadata.refresh.interval.ms", "1000"),
+        ("log_level", "3"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    settings.relay.poll_interval = Duration::from_secs(5);
+    if let Some(url) = &options.database_url {
+        settings.store.kind = StoreKind::Postgres;
+        settings.database.url = crate::config::Secret::new(url.clone());
+    }
+    embedded.create_topics(&settings.kafka.topic_prefix, 3)?;
+    let kafka = settings.kafka.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let app = Application::builder(settings)
+        .listener(listener)
+        .build(Role::Worker)
+        .await?;
+    let repo = app.repo();
+    let metrics = app.metrics();
     let rules = Rules::default();
-    let metrics = Arc::new(Metrics::new());
     let (stop_tx, stop) = watch::channel(false);
-    let notify = Arc::new(Notify::new());
-    let worker = Worker {
-        consumer: Arc::new(consumer::consumer(&kafka)?),
-        dlq: idempotent_producer(&kafka)?,
-        handler: Handler::new(repo.clone(), rules.clone(), 5, metrics.clone()),
-        kafka: kafka.clone(),
-        settings: ConsumerSettings::default(),
-        outbox_written: notify.clone(),
-        metrics: metrics.clone(),
-    };
-    let relay = Relay::new(
-        repo.clone(),
-        idempotent_producer(&kafka)?,
-        kafka.clone(),
-        RelaySettings {
-            poll_interval: Duration::from_millis(200),
-            ..RelaySettings::default()
-        },
-        metrics.clone(),
-    );
-    let wake: Box<dyn Wake> = match &pg_pool {
-        Some(pool) => Box::new(PgWake::listen(pool).await?),
-        None => Box::new(NotifyWake(notify)),
-    };
-    let tasks = vec![
-        tokio::spawn(worker.run(stop.clone())),
-        tokio::spawn(relay.run(wake, stop.clone())),
-    ];
+    let running = tokio::spawn(app.run_until_stopped(stop.clone()));
+    // The hop is measured from a running worker: wait for its partitions first.
+    let joined = Instant::now();
+    while metrics.rebalances.with_label_values(&["assign"]).get() == 0 {
+        anyhow::ensure!(
+            joined.elapsed() < Duration::from_secs(60),
+            "the worker got no partitions within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let published: Vec<String> = topics::PUBLISHED.iter().map(|t| kafka.topic(t)).collect();
     let mut observed = observe(&kafka, published, stop.clone())?;
     let fleet = Fleet {
         producer: rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &kafka.bootstrap_servers)
+            .set("linger.ms", "0")
             .set("log_level", "3")
             .create()?,
         kafka: kafka.clone(),
+        produced: Arc::default(),
     };
 
     // Plan and register every batch.
     let mut rng = Rng(options.seed);
     let mut plans: HashMap<String, Plan> = HashMap::new();
-    let mut last_event: HashMap<String, Instant> = HashMap::new();
     let mut requests: HashMap<Uuid, usize> = HashMap::new();
     for i in 0..options.batches {
         let regular = rng.chance(0.3);
         let n = rng.range(options.essays_min, options.essays_max);
+        // A few teachers forget the prompt: prompt-dependent pipelines are then refused.
+        let prompt = (!rng.chance(0.05)).then(|| StorageReferenceMetadata {
+            references: [(
+                ContentType::StudentPromptText,
+                StorageRef {
+                    storage_id: format!("prompt-{i}"),
+                    path: String::new(),
+                },
+            )]
+            .into(),
+        });
         let request = crate::domain::RegistrationRequest {
-            expected_essay_count: n as i64,
+            expected_essay_count: i64::try_from(n).unwrap_or(1),
             essay_ids: None,
             course_code: [CourseCode::Eng5, CourseCode::Eng6, CourseCode::Sv1][i % 3],
-            student_prompt_ref: None,
+            student_prompt_ref: prompt,
             user_id: format!("teacher-{}", i % 7),
             org_id: Some("demo-school".into()),
             class_id: regular.then(|| format!("class-{}", i % 5)),
@@ -427,18 +446,22 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
             cj_default_temperature: None,
             assignment_id: None,
         };
-        let decision = rules
+        let answers = CreditAnswers::new();
+        let effects = rules
             .register(
                 &request,
                 Uuid::new_v4(),
                 &mut Env {
                     now: chrono::Utc::now(),
                     ids: &mut RandomIds,
+                    credits: &answers,
                 },
             )
             .map_err(|e| anyhow::anyhow!("demo registration rejected: {e:?}"))?;
-        let batch = decision.batch.context("registration produced no batch")?;
-        repo.create_batch(&batch, &decision.messages).await?;
+        let batch = effects.batch;
+        repo.commit(UnitOfWork::create(batch.clone(), effects.messages))
+            .await
+            .context("registering a demo batch")?;
         let essays: Vec<EssayRef> = batch
             .context
             .essay_ids
@@ -503,7 +526,6 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
                 )
                 .await?;
         }
-        last_event.insert(batch.id.clone(), Instant::now());
         plans.insert(batch.id, plan);
     }
 
@@ -551,12 +573,16 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
         let Some(plan) = plans.get_mut(&batch_id) else {
             continue;
         };
-        if let Some(phase) = upstream::phase_of_command(&message.topic) {
-            if let Some(at) = last_event.get(&batch_id) {
-                summary
-                    .latencies_ms
-                    .push(at.elapsed().as_secs_f64() * 1000.0);
+        let is_command = upstream::phase_of_command(&message.topic).is_some()
+            || message.topic == topics::STUDENT_MATCHING_COMMAND;
+        if is_command {
+            if let (Some(sent), Some(published)) = (fleet.produced_at(&batch_id), message.produced_ms) {
+                if published >= sent {
+                    summary.latencies_ms.push((published - sent) as f64);
+                }
             }
+        }
+        if let Some(phase) = upstream::phase_of_command(&message.topic) {
             *summary
                 .dispatched
                 .entry(phase.as_str().to_owned())
@@ -579,7 +605,6 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
             );
             let fleet = fleet.clone();
             let key = batch_id.clone();
-            last_event.insert(batch_id.clone(), Instant::now() + delay);
             *answered.entry(phase.as_str().to_owned()).or_default() += 1;
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
@@ -623,7 +648,6 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
                             .send(topic, &batch_id, Uuid::new_v4(), data, twice && i == 0)
                             .await?;
                     }
-                    last_event.insert(batch_id.clone(), Instant::now());
                 }
                 topics::PIPELINE_COMPLETED | topics::PIPELINE_DENIED => {
                     if let Ok(corr) = correlation.parse::<Uuid>() {
@@ -643,7 +667,6 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
                                 rng.chance(options.duplicate_rate),
                             )
                             .await?;
-                        last_event.insert(batch_id.clone(), Instant::now());
                     } else if !plan.done {
                         plan.done = true;
                         done += 1;
@@ -683,7 +706,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
         }
     }
     for (batch_id, plan) in &plans {
-        let Some(batch) = repo.get_batch_by_id(batch_id).await? else {
+        let Some(batch) = repo.get_batch(batch_id).await? else {
             summary.problems.push(format!("batch {batch_id} missing"));
             continue;
         };
@@ -709,12 +732,17 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
         .iter()
         .map(|t| metrics.messages.with_label_values(&[t, "ignored"]).get())
         .sum();
-    summary.dead_letters = metrics.dead_letters.get();
+    summary.dead_letters = topics::CONSUMED
+        .iter()
+        .map(|t| metrics.messages.with_label_values(&[t, "dead_letter"]).get())
+        .sum();
     summary.elapsed = started.elapsed();
 
     let _ = stop_tx.send(true);
-    for task in tasks {
-        let _ = task.await;
+    match running.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => summary.problems.push(format!("the worker stopped with an error: {e:#}")),
+        Err(e) => summary.problems.push(format!("the worker panicked: {e}")),
     }
     drop(fleet);
     drop(embedded);

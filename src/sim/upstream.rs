@@ -32,7 +32,7 @@ pub fn envelope_json<D: Serialize>(
         data,
         metadata: None,
     };
-    serde_json::to_vec(&envelope).expect("wire types always encode")
+    serde_json::to_vec(&envelope).unwrap_or_else(|e| unreachable!("wire types always encode: {e}"))
 }
 
 pub fn content_provisioned(
