@@ -1,7 +1,6 @@
 //! Table tests per rule, and property tests over random event sequences.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use chrono::{TimeDelta, TimeZone, Utc};
 use proptest::prelude::*;
@@ -13,7 +12,7 @@ use crate::contracts::{
     topics, BatchStatus, CourseCode, EssayRef, InboundEvent, PhaseName, PipelineExecutionStatus,
     PromptPayload, Timestamp,
 };
-use crate::upstream;
+use crate::sim::upstream;
 
 const TEACHER: &str = "teacher-anna";
 
@@ -27,23 +26,143 @@ fn ids(refs: &[EssayRef]) -> Vec<String> {
     refs.iter().map(|e| e.essay_id.clone()).collect()
 }
 
+/// What a decision did, in one shape for the table tests.
+#[derive(Debug, Clone, PartialEq)]
+enum Verdict {
+    Applied,
+    Ignored(String),
+    DeadLetter { reason: &'static str, error: String },
+}
+
+#[derive(Debug, Clone)]
+struct Outcome {
+    verdict: Verdict,
+    changed: bool,
+    batch: Option<Batch>,
+    messages: Vec<OutboundMessage>,
+    essays_changed: bool,
+    notes: Vec<String>,
+    snapshot: Option<Value>,
+    transitions: Vec<PhaseTransition>,
+}
+
+/// A credit policy for the tests: a fixed balance, or everything allowed.
+fn answer_credits(balance: Option<i64>, query: &CreditQuery) -> CreditVerdict {
+    match balance {
+        Some(b) if query.required() > b => CreditVerdict::Denied {
+            reason: "insufficient_credits".into(),
+            available: b,
+        },
+        Some(b) => CreditVerdict::Allowed { available: b },
+        None => CreditVerdict::Allowed {
+            available: query.required(),
+        },
+    }
+}
+
+/// Decides like the worker: asks the credit policy whenever the rules need it.
+fn decide(
+    rules: &Rules,
+    batch: Option<&Batch>,
+    event: &InboundEvent,
+    meta: &EventMeta,
+    now: Timestamp,
+    ids: &mut SequentialIds,
+    balance: Option<i64>,
+) -> Outcome {
+    let mut answers = CreditAnswers::new();
+    loop {
+        let decision = rules.decide(
+            batch,
+            event,
+            meta,
+            &mut Env {
+                now,
+                ids,
+                credits: &answers,
+            },
+        );
+        return match decision {
+            Decision::NeedsCredit(q) => {
+                let verdict = answer_credits(balance, &q);
+                answers.insert(q, verdict);
+                continue;
+            }
+            Decision::Apply(e) => Outcome {
+                verdict: Verdict::Applied,
+                changed: e.changed,
+                batch: Some(e.batch),
+                messages: e.messages,
+                essays_changed: e.essays_changed,
+                notes: e.notes,
+                snapshot: e.snapshot,
+                transitions: e.transitions,
+            },
+            Decision::Ignore(why) => Outcome {
+                verdict: Verdict::Ignored(why),
+                changed: false,
+                batch: batch.cloned(),
+                messages: Vec::new(),
+                essays_changed: false,
+                notes: Vec::new(),
+                snapshot: None,
+                transitions: Vec::new(),
+            },
+            Decision::DeadLetter { reason, error } => Outcome {
+                verdict: Verdict::DeadLetter { reason, error },
+                changed: false,
+                batch: None,
+                messages: Vec::new(),
+                essays_changed: false,
+                notes: Vec::new(),
+                snapshot: None,
+                transitions: Vec::new(),
+            },
+        };
+    }
+}
+
+fn prompt() -> crate::contracts::StorageReferenceMetadata {
+    crate::contracts::StorageReferenceMetadata {
+        references: [(
+            crate::contracts::ContentType::StudentPromptText,
+            crate::contracts::StorageRef {
+                storage_id: "prompt-1".into(),
+                path: String::new(),
+            },
+        )]
+        .into(),
+    }
+}
+
 /// Drives the rules for one batch, the way the worker would (minus the inbox).
 struct Sim {
     rules: Rules,
     batch: Batch,
     ids: SequentialIds,
     now: Timestamp,
+    /// The credit balance (None: everything allowed).
+    balance: Option<i64>,
 }
 
 impl Sim {
     fn registered(class_id: Option<&str>, n: i64, rules: Rules) -> Self {
+        Self::registered_with_prompt(class_id, n, rules, Some(prompt()))
+    }
+
+    fn registered_with_prompt(
+        class_id: Option<&str>,
+        n: i64,
+        rules: Rules,
+        prompt: Option<crate::contracts::StorageReferenceMetadata>,
+    ) -> Self {
         let mut ids = SequentialIds(1_000);
         let now = Utc.with_ymd_and_hms(2026, 3, 14, 9, 0, 0).unwrap();
         let request = RegistrationRequest {
             expected_essay_count: n,
             essay_ids: None,
             course_code: CourseCode::Eng5,
-            student_prompt_ref: None,
+            student_prompt_ref: prompt,
             user_id: TEACHER.into(),
             org_id: Some("org-1".into()),
             class_id: class_id.map(str::to_owned),
@@ -51,20 +170,25 @@ impl Sim {
             cj_default_temperature: None,
             assignment_id: None,
         };
-        let decision = rules
+        let effects = rules
             .register(
                 &request,
                 Uuid::from_u128(7),
-                &mut Env { now, ids: &mut ids },
+                &mut Env {
+                    now,
+                    ids: &mut ids,
+                    credits: &CreditAnswers::new(),
+                },
             )
             .unwrap();
-        let mut batch = decision.batch.unwrap();
+        let mut batch = effects.batch;
         batch.version = 1;
         Self {
             rules,
             batch,
             ids,
             now,
+            balance: None,
         }
     }
 
@@ -75,15 +199,20 @@ impl Sim {
 
     fn ready_guest_with(n: usize, rules: Rules) -> Self {
         let mut sim = Self::registered(None, n as i64, rules);
+        sim.provision(n);
+        sim
+    }
+
+    fn provision(&mut self, n: usize) {
+        let sim = self;
         let id = sim.batch.id.clone();
         sim.send(InboundEvent::ContentProvisioned(
             upstream::content_provisioned(&id, CourseCode::Eng5, TEACHER, &essays(n)),
         ));
         assert_eq!(sim.batch.status, BatchStatus::ReadyForPipelineExecution);
-        sim
     }
 
-    fn send(&mut self, event: InboundEvent) -> Decision {
+    fn send(&mut self, event: InboundEvent) -> Outcome {
         let meta = EventMeta {
             event_id: self.ids.next_id(),
             correlation_id: self.ids.next_id(),
@@ -92,25 +221,25 @@ impl Sim {
         self.send_with(event, meta)
     }
 
-    fn send_with(&mut self, event: InboundEvent, meta: EventMeta) -> Decision {
+    fn send_with(&mut self, event: InboundEvent, meta: EventMeta) -> Outcome {
         self.now += TimeDelta::seconds(2);
-        let decision = self.rules.decide(
+        let decision = decide(
+            &self.rules,
             Some(&self.batch),
             &event,
             &meta,
-            &mut Env {
-                now: self.now,
-                ids: &mut self.ids,
-            },
+            self.now,
+            &mut self.ids,
+            self.balance,
         );
-        if let Some(batch) = &decision.batch {
+        if let (true, Some(batch)) = (decision.changed, &decision.batch) {
             self.batch = batch.clone();
             self.batch.version += 1;
         }
         decision
     }
 
-    fn request(&mut self, target: &str) -> Decision {
+    fn request(&mut self, target: &str) -> Outcome {
         let id = self.batch.id.clone();
         self.send(InboundEvent::PipelineRequest(upstream::pipeline_request(
             &id, target, TEACHER,
@@ -118,7 +247,7 @@ impl Sim {
     }
 
     /// Answers the phase in flight: the essays in `fail` fail, the others survive.
-    fn answer(&mut self, fail: &[&str]) -> Decision {
+    fn answer(&mut self, fail: &[&str]) -> Outcome {
         let run = self.batch.orchestration.current_run.clone().expect("a run");
         let phase = run.phases[run.current];
         let dispatched = &run.dispatched[&phase];
@@ -139,17 +268,17 @@ impl Sim {
     }
 }
 
-fn topics_of(decision: &Decision) -> Vec<&'static str> {
+fn topics_of(decision: &Outcome) -> Vec<&'static str> {
     decision.messages.iter().map(|m| m.topic).collect()
 }
 
-fn data(decision: &Decision, topic: &str) -> Value {
+fn data(decision: &Outcome, topic: &str) -> Value {
     decision
         .messages
         .iter()
         .find(|m| m.topic == topic)
         .unwrap_or_else(|| panic!("no {topic} in {:?}", topics_of(decision)))
-        .envelope["data"]
+        .envelope()["data"]
         .clone()
 }
 
@@ -213,6 +342,7 @@ fn registration_rejects_each_bad_field() {
             &mut Env {
                 now: base.now,
                 ids: &mut ids,
+                credits: &CreditAnswers::new(),
             },
         );
         let errors = result.expect_err(field);
@@ -240,10 +370,14 @@ fn registration_creates_batch_with_internal_essay_ids() {
         .register(
             &request,
             Uuid::from_u128(42),
-            &mut Env { now, ids: &mut ids },
+            &mut Env {
+                now,
+                ids: &mut ids,
+                credits: &CreditAnswers::new(),
+            },
         )
         .unwrap();
-    let batch = decision.batch.unwrap();
+    let batch = decision.batch.clone();
     assert_eq!(batch.status, BatchStatus::AwaitingContentValidation);
     assert!(batch.pipeline.requested_pipelines.is_empty());
     for phase in PhaseName::ALL {
@@ -257,13 +391,13 @@ fn registration_creates_batch_with_internal_essay_ids() {
     assert_eq!(registered.topic, topics::BATCH_ESSAYS_REGISTERED);
     assert_eq!(registered.correlation_id, Uuid::from_u128(42));
     let sent: Vec<String> =
-        serde_json::from_value(registered.envelope["data"]["essay_ids"].clone()).unwrap();
+        serde_json::from_value(registered.envelope()["data"]["essay_ids"].clone()).unwrap();
     assert_eq!(sent, batch.context.essay_ids);
     assert!(
         !sent.contains(&"client-a".to_owned()),
         "internal ids, never the client's"
     );
-    assert_eq!(registered.envelope["data"]["class_id"], "class-9a");
+    assert_eq!(registered.envelope()["data"]["class_id"], "class-9a");
 }
 
 // ------------------------------------------------------------------ content, students, readiness
@@ -395,15 +529,7 @@ fn unknown_batch_is_dead_lettered() {
         correlation_id: Uuid::nil(),
         traceparent: None,
     };
-    let d = rules.decide(
-        None,
-        &event,
-        &meta,
-        &mut Env {
-            now: Utc::now(),
-            ids: &mut ids,
-        },
-    );
+    let d = decide(&rules, None, &event, &meta, Utc::now(), &mut ids, None);
     assert!(matches!(
         d.verdict,
         Verdict::DeadLetter {
@@ -474,18 +600,32 @@ fn validation_errors_after_a_run_are_only_recorded() {
 // ------------------------------------------------------------------ pipeline requests
 
 #[test]
-fn unsupported_pipelines_are_denied_and_change_nothing() {
+fn unsupported_pipelines_are_denied_notified_and_change_nothing() {
     for target in ["student_matching", "grading", ""] {
         let mut sim = Sim::ready_guest(2);
         let before = sim.batch.clone();
-        let d = sim.request(target);
-        assert_eq!(topics_of(&d), [topics::PIPELINE_DENIED], "{target}");
+        let id = sim.batch.id.clone();
+        let d = sim.send(InboundEvent::PipelineRequest(upstream::pipeline_request(
+            &id,
+            target,
+            "someone-else",
+        )));
         assert_eq!(
-            data(&d, topics::PIPELINE_DENIED)["denial_reason"],
-            "unsupported_pipeline"
+            topics_of(&d),
+            [topics::PIPELINE_DENIED, topics::TEACHER_NOTIFICATION],
+            "{target}: every denial notifies the teacher"
         );
-        assert_eq!(sim.batch.status, before.status);
-        assert_eq!(sim.batch.pipeline, before.pipeline);
+        let denied = data(&d, topics::PIPELINE_DENIED);
+        assert_eq!(denied["denial_reason"], "unsupported_pipeline");
+        assert_eq!(denied["user_id"], TEACHER, "the batch owner, not the requester");
+        assert_eq!(
+            denied["resource_breakdown"],
+            serde_json::json!({"cj_comparison": 0, "ai_feedback_generation": 0})
+        );
+        let note = data(&d, topics::TEACHER_NOTIFICATION);
+        assert_eq!(note["notification_type"], "pipeline_denied");
+        assert_eq!(note["payload"]["resource_breakdown"]["ai_feedback_generation"], 0);
+        assert_eq!(d.batch.as_ref(), Some(&before), "nothing in the batch changes");
     }
 }
 
@@ -526,7 +666,7 @@ fn a_request_on_a_ready_batch_starts_a_run() {
         command_essays(&data(&d, topics::SPELLCHECK_COMMAND)).len(),
         3
     );
-    assert_eq!(d.messages[0].envelope["metadata"]["user_id"], TEACHER);
+    assert_eq!(d.messages[0].envelope()["metadata"]["user_id"], TEACHER);
     assert!(d.snapshot.is_some(), "a start records its configuration");
 }
 
@@ -575,8 +715,8 @@ fn requests_park_until_ready_and_the_latest_wins() {
 
 #[test]
 fn credits_are_checked_on_the_pruned_list() {
-    let rules = Rules::new(PhaseGraph::default(), Arc::new(FixedBalance(5)));
-    let mut sim = Sim::ready_guest_with(4, rules);
+    let mut sim = Sim::ready_guest(4);
+    sim.balance = Some(5);
     let before = sim.batch.clone();
     let d = sim.request("cj_assessment");
     assert_eq!(
@@ -884,7 +1024,7 @@ fn traceparent_travels_on_commands() {
         InboundEvent::PipelineRequest(upstream::pipeline_request(&id, "spellcheck", TEACHER)),
         meta,
     );
-    assert_eq!(d.messages[0].envelope["metadata"]["traceparent"], tp);
+    assert_eq!(d.messages[0].envelope()["metadata"]["traceparent"], tp);
     assert_eq!(d.messages[0].traceparent.as_deref(), Some(tp));
 }
 
@@ -901,8 +1041,8 @@ fn the_graph_resolves_and_rejects_cycles() {
     );
     assert!(g.resolve(PhaseName::StudentMatching).is_err());
     assert!(PhaseGraph::new([
-        (PhaseName::Nlp, PhaseName::Spellcheck),
-        (PhaseName::Spellcheck, PhaseName::Nlp)
+        (PhaseName::Nlp, vec![PhaseName::Spellcheck], false),
+        (PhaseName::Spellcheck, vec![PhaseName::Nlp], false),
     ])
     .is_err());
 }
@@ -1082,7 +1222,7 @@ fn check(
     after: &Batch,
     event: &InboundEvent,
     meta: &EventMeta,
-    d: &Decision,
+    d: &Outcome,
     dispatched: &mut HashMap<u32, Vec<PhaseName>>,
     completions: &mut HashMap<u32, u32>,
     answered: &mut u32,
@@ -1098,6 +1238,7 @@ fn check(
     );
     prop_assert!(runs_after <= runs_before + 1);
     if matches!(event, InboundEvent::PipelineRequest(_))
+        && d.verdict == Verdict::Applied
         && before.parked.is_some()
         && after
             .parked
@@ -1106,9 +1247,15 @@ fn check(
     {
         *replaced += 1;
     }
+    if matches!(event, InboundEvent::PipelineRequest(_))
+        && matches!(d.verdict, Verdict::Ignored(_))
+    {
+        // A retry of what is already waiting or running is absorbed.
+        *answered += 1;
+    }
     let mut run_finished = false;
     for m in &d.messages {
-        let data = &m.envelope["data"];
+        let data = &m.envelope()["data"];
         if let Some(phase) = upstream::phase_of_command(m.topic) {
             let run = if runs_after > runs_before {
                 runs_after
@@ -1220,5 +1367,358 @@ fn a_parked_request_keeps_its_trace() {
     ));
     assert_eq!(d.messages[0].topic, topics::SPELLCHECK_COMMAND);
     assert_eq!(d.messages[0].traceparent.as_deref(), Some(tp));
-    assert_eq!(d.messages[0].envelope["metadata"]["traceparent"], tp);
+    assert_eq!(d.messages[0].envelope()["metadata"]["traceparent"], tp);
+}
+
+// ------------------------------------------------------------------ platform parity
+
+fn graph(phases: &[(PhaseName, &[PhaseName], bool)]) -> PhaseGraph {
+    PhaseGraph::new(phases.iter().map(|(p, d, r)| (*p, d.to_vec(), *r))).unwrap()
+}
+
+#[test]
+fn the_graph_takes_several_prerequisites_and_names_what_is_wrong() {
+    use PhaseName::{AiFeedback, CjAssessment, Nlp, Spellcheck};
+    let g = PhaseGraph::default();
+    assert_eq!(g.resolve(AiFeedback).unwrap(), [Spellcheck, Nlp, AiFeedback]);
+    assert_eq!(g.resolve(CjAssessment).unwrap(), [Spellcheck, CjAssessment]);
+    assert_eq!(g.resolve(Nlp).unwrap(), [Spellcheck, Nlp]);
+    assert_eq!(g.node(AiFeedback).unwrap().depends_on, [Spellcheck, Nlp]);
+    let cycle = PhaseGraph::new([
+        (Spellcheck, vec![AiFeedback], false),
+        (Nlp, vec![Spellcheck], false),
+        (AiFeedback, vec![Nlp], false),
+    ])
+    .unwrap_err();
+    assert!(cycle.to_string().contains("cycle"), "{cycle}");
+    assert!(cycle.to_string().contains("ai_feedback"), "{cycle}");
+    let unknown = PhaseGraph::new([(Nlp, vec![CjAssessment], false)]).unwrap_err();
+    assert!(unknown.to_string().contains("cj_assessment"), "{unknown}");
+    let matching = PhaseGraph::new([(PhaseName::StudentMatching, vec![], false)]).unwrap_err();
+    assert!(matching.to_string().contains("student_matching"), "{matching}");
+}
+
+#[test]
+fn each_phase_gets_the_essays_that_came_through_everything_it_needs() {
+    // The platform's graph: ai_feedback needs spellcheck and nlp.
+    let mut sim = Sim::ready_guest(3);
+    sim.request("ai_feedback");
+    let nlp = sim.answer(&["essay-1"]);
+    assert_eq!(
+        command_essays(&data(&nlp, topics::NLP_COMMAND))
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect::<Vec<_>>(),
+        ["essay-0", "essay-2"]
+    );
+    let ai = sim.answer(&["essay-2"]);
+    assert_eq!(
+        command_essays(&data(&ai, topics::AI_FEEDBACK_COMMAND)),
+        [("essay-0".to_owned(), "store-0-corrected".to_owned())]
+    );
+
+    // A graph where ai_feedback needs two phases that do not need each other:
+    // nlp gets the run's input, ai_feedback what both let through.
+    use PhaseName::{AiFeedback, Nlp, Spellcheck};
+    let rules = Rules::new(graph(&[
+        (Spellcheck, &[], false),
+        (Nlp, &[], false),
+        (AiFeedback, &[Spellcheck, Nlp], false),
+    ]));
+    let mut sim = Sim::ready_guest_with(3, rules);
+    sim.request("ai_feedback");
+    let nlp = sim.answer(&["essay-1"]);
+    assert_eq!(command_essays(&data(&nlp, topics::NLP_COMMAND)).len(), 3);
+    let ai = sim.answer(&["essay-2"]);
+    assert_eq!(
+        command_essays(&data(&ai, topics::AI_FEEDBACK_COMMAND))
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect::<Vec<_>>(),
+        ["essay-0"]
+    );
+}
+
+#[test]
+fn pruning_keeps_completed_phases_whose_input_did_not_change() {
+    let mut sim = Sim::ready_guest(3);
+    sim.request("cj_assessment");
+    sim.answer(&[]);
+    sim.answer(&[]);
+    let d = sim.request("ai_feedback");
+    assert_eq!(
+        topics_of(&d)[0],
+        topics::NLP_COMMAND,
+        "spellcheck completed: pruned; nlp runs on its output"
+    );
+    assert_eq!(
+        sim.batch.pipeline.requested_pipelines,
+        [PhaseName::Nlp, PhaseName::AiFeedback]
+    );
+}
+
+#[test]
+fn the_prompt_gate_refuses_prompt_phases_without_a_prompt() {
+    let mut sim = Sim::registered_with_prompt(None, 2, Rules::default(), None);
+    sim.provision(2);
+    let before = sim.batch.clone();
+    for target in ["nlp", "cj_assessment", "ai_feedback"] {
+        let d = sim.request(target);
+        assert_eq!(
+            topics_of(&d),
+            [topics::PIPELINE_DENIED, topics::TEACHER_NOTIFICATION],
+            "{target}"
+        );
+        assert_eq!(
+            data(&d, topics::PIPELINE_DENIED)["denial_reason"],
+            "prompt_not_attached"
+        );
+        assert_eq!(sim.batch, before, "{target}: nothing changes");
+    }
+    // Spellcheck needs no prompt.
+    let d = sim.request("spellcheck");
+    assert_eq!(topics_of(&d)[0], topics::SPELLCHECK_COMMAND);
+    sim.answer(&[]);
+    // A request that brings its own prompt runs, and the prompt stays with the batch.
+    let id = sim.batch.id.clone();
+    let mut request = upstream::pipeline_request(&id, "cj_assessment", TEACHER);
+    request.prompt_payload = Some(PromptPayload {
+        assignment_id: Some("assign-7".into()),
+        cms_prompt_ref: None,
+    });
+    let d = sim.send(InboundEvent::PipelineRequest(request));
+    assert_eq!(topics_of(&d)[0], topics::CJ_ASSESSMENT_COMMAND);
+    assert_eq!(
+        data(&d, topics::CJ_ASSESSMENT_COMMAND)["assignment_id"],
+        "assign-7"
+    );
+    assert_eq!(sim.batch.context.assignment_id.as_deref(), Some("assign-7"));
+}
+
+#[test]
+fn a_denied_request_leaves_the_batch_as_it_was() {
+    let mut sim = Sim::ready_guest(4);
+    sim.balance = Some(1);
+    let before = sim.batch.clone();
+    let id = sim.batch.id.clone();
+    let mut request = upstream::pipeline_request(&id, "cj_assessment", TEACHER);
+    request.prompt_payload = Some(PromptPayload {
+        assignment_id: None,
+        cms_prompt_ref: Some(prompt()),
+    });
+    request.prompt_payload.as_mut().unwrap().cms_prompt_ref = Some({
+        let mut p = prompt();
+        p.references.values_mut().for_each(|r| r.storage_id = "other".into());
+        p
+    });
+    let d = sim.send(InboundEvent::PipelineRequest(request));
+    assert_eq!(
+        data(&d, topics::PIPELINE_DENIED)["denial_reason"],
+        "insufficient_credits"
+    );
+    assert_eq!(d.batch.as_ref(), Some(&before), "the prompt of a denied request is not stored");
+    let breakdown = &data(&d, topics::PIPELINE_DENIED)["resource_breakdown"];
+    assert_eq!(breakdown["cj_comparison"], 6);
+    assert_eq!(breakdown["ai_feedback_generation"], 0, "both keys, always");
+}
+
+#[test]
+fn policy_denials_use_the_platform_spellings() {
+    let sim = Sim::ready_guest(2);
+    let id = sim.batch.id.clone();
+    let event = InboundEvent::PipelineRequest(upstream::pipeline_request(&id, "ai_feedback", TEACHER));
+    let meta = EventMeta {
+        event_id: Uuid::from_u128(1),
+        correlation_id: Uuid::from_u128(2),
+        traceparent: None,
+    };
+    let query = match sim.rules.decide(
+        Some(&sim.batch),
+        &event,
+        &meta,
+        &mut Env {
+            now: sim.now,
+            ids: &mut SequentialIds(50),
+            credits: &CreditAnswers::new(),
+        },
+    ) {
+        Decision::NeedsCredit(q) => q,
+        other => panic!("expected a credit question, got {other:?}"),
+    };
+    assert_eq!(query.user_id, TEACHER);
+    assert_eq!(query.org_id.as_deref(), Some("org-1"));
+    assert_eq!(
+        query.requirements,
+        [("ai_feedback_generation".to_owned(), 2)].into(),
+        "only quantities above zero are asked for"
+    );
+    for (reason, kind) in [
+        ("rate_limit_exceeded", "pipeline_denied_rate_limit"),
+        ("insufficient_credits", "pipeline_denied_insufficient_credits"),
+        ("entitlements_unavailable", "pipeline_denied"),
+    ] {
+        let answers: CreditAnswers = [(
+            query.clone(),
+            CreditVerdict::Denied {
+                reason: reason.into(),
+                available: 0,
+            },
+        )]
+        .into();
+        let Decision::Apply(effects) = sim.rules.decide(
+            Some(&sim.batch),
+            &event,
+            &meta,
+            &mut Env {
+                now: sim.now,
+                ids: &mut SequentialIds(50),
+                credits: &answers,
+            },
+        ) else {
+            panic!("a denial publishes");
+        };
+        let topics: Vec<_> = effects.messages.iter().map(|m| m.topic).collect();
+        assert_eq!(topics, [topics::PIPELINE_DENIED, topics::TEACHER_NOTIFICATION]);
+        assert_eq!(effects.messages[0].envelope()["data"]["denial_reason"], reason);
+        assert_eq!(
+            effects.messages[1].envelope()["data"]["notification_type"],
+            kind
+        );
+        assert_eq!(effects.messages[0].correlation_id, meta.correlation_id);
+        assert!(!effects.changed);
+    }
+}
+
+#[test]
+fn everything_a_run_publishes_carries_the_runs_correlation_id() {
+    let mut sim = Sim::ready_guest(2);
+    let id = sim.batch.id.clone();
+    let run_correlation = Uuid::from_u128(4242);
+    let meta = EventMeta {
+        event_id: Uuid::from_u128(4241),
+        correlation_id: run_correlation,
+        traceparent: None,
+    };
+    sim.send_with(
+        InboundEvent::PipelineRequest(upstream::pipeline_request(&id, "cj_assessment", TEACHER)),
+        meta,
+    );
+    // The outcome arrives in an envelope with a correlation id of its own.
+    let run = sim.batch.orchestration.current_run.clone().unwrap();
+    let outcome = upstream::phase_outcome(
+        &id,
+        PhaseName::Spellcheck,
+        &essays(2),
+        &[],
+        run_correlation,
+    );
+    let d = sim.send_with(
+        InboundEvent::PhaseOutcome(outcome),
+        EventMeta {
+            event_id: Uuid::from_u128(4243),
+            correlation_id: Uuid::from_u128(9999),
+            traceparent: None,
+        },
+    );
+    assert_eq!(run.correlation_id, run_correlation);
+    for m in &d.messages {
+        assert_eq!(m.correlation_id, run_correlation, "{}", m.topic);
+    }
+    let done = sim.answer(&[]);
+    for m in &done.messages {
+        assert_eq!(m.correlation_id, run_correlation, "{}", m.topic);
+    }
+    assert_eq!(
+        data(&done, topics::PIPELINE_COMPLETED)["correlation_id"],
+        run_correlation.to_string()
+    );
+}
+
+#[test]
+fn a_repeated_essays_ready_keeps_the_corrected_text() {
+    let mut sim = Sim::ready_guest(2);
+    sim.request("spellcheck");
+    sim.answer(&[]);
+    let id = sim.batch.id.clone();
+    let mut refs = essays(2);
+    refs[1].text_storage_id = "store-1-replaced".into();
+    sim.send(InboundEvent::EssaysReady(upstream::essays_ready(
+        &id,
+        CourseCode::Eng5,
+        "GUEST",
+        &refs,
+        sim.now,
+    )));
+    assert_eq!(
+        sim.batch.essays[0].corrected_text_storage_id.as_deref(),
+        Some("store-0-corrected"),
+        "same original text: the correction still applies"
+    );
+    assert_eq!(
+        sim.batch.essays[1].corrected_text_storage_id, None,
+        "new original text: the old correction does not"
+    );
+    let d = sim.request("cj_assessment");
+    assert_eq!(
+        command_essays(&data(&d, topics::CJ_ASSESSMENT_COMMAND)),
+        [
+            ("essay-0".to_owned(), "store-0-corrected".to_owned()),
+            ("essay-1".to_owned(), "store-1-replaced".to_owned()),
+        ],
+        "spellcheck is pruned; each essay goes with its newest valid text"
+    );
+}
+
+#[test]
+fn a_repeated_retry_does_not_dispatch_twice() {
+    let mut sim = Sim::ready_guest(2);
+    let id = sim.batch.id.clone();
+    let retry = || {
+        let mut r = upstream::pipeline_request(&id, "spellcheck", TEACHER);
+        r.is_retry = true;
+        InboundEvent::PipelineRequest(r)
+    };
+    let first = sim.send(retry());
+    assert_eq!(topics_of(&first)[0], topics::SPELLCHECK_COMMAND);
+    let again = sim.send(retry());
+    assert!(matches!(again.verdict, Verdict::Ignored(_)), "{:?}", again.verdict);
+    assert!(again.messages.is_empty());
+    sim.answer(&[]);
+    let later = sim.send(retry());
+    assert!(
+        later.messages.iter().all(|m| m.topic != topics::SPELLCHECK_COMMAND),
+        "spellcheck completed: a new retry is answered without dispatching"
+    );
+}
+
+#[test]
+fn every_phase_change_is_reported_for_the_log() {
+    let mut sim = Sim::ready_guest(2);
+    let d = sim.request("cj_assessment");
+    let changes: Vec<_> = d.transitions.iter().map(|t| (t.phase, t.from, t.to)).collect();
+    assert_eq!(
+        changes,
+        [
+            (
+                PhaseName::Spellcheck,
+                PipelineExecutionStatus::SkippedByUserConfig,
+                PipelineExecutionStatus::DispatchInitiated
+            ),
+            (
+                PhaseName::CjAssessment,
+                PipelineExecutionStatus::SkippedByUserConfig,
+                PipelineExecutionStatus::PendingDependencies
+            ),
+        ]
+    );
+    let d = sim.answer(&[]);
+    let changes: Vec<_> = d.transitions.iter().map(|t| (t.phase, t.to)).collect();
+    assert_eq!(
+        changes,
+        [
+            (PhaseName::Spellcheck, PipelineExecutionStatus::CompletedSuccessfully),
+            (PhaseName::CjAssessment, PipelineExecutionStatus::DispatchInitiated),
+        ]
+    );
+    assert!(d.transitions[0].completed_at.is_some());
 }
