@@ -119,7 +119,7 @@ impl DatabaseSettings {
 }
 
 /// Kafka settings shared by the consumer, the relay and the dead-letter producer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
@@ -134,20 +134,37 @@ pub struct KafkaSettings {
     pub librdkafka: BTreeMap<String, String>,
 }
 
-fn masked_properties<S: serde::Serializer>(
-    properties: &BTreeMap<String, String>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
+/// librdkafka properties as they may be shown: secrets replaced by `***`.
+fn shown_properties(properties: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
     let secret = |key: &str| {
         ["password", "secret", "token", "key"]
             .iter()
             .any(|w| key.contains(w))
     };
-    let shown: BTreeMap<&str, &str> = properties
+    properties
         .iter()
         .map(|(k, v)| (k.as_str(), if secret(k) { "***" } else { v.as_str() }))
-        .collect();
-    shown.serialize(s)
+        .collect()
+}
+
+fn masked_properties<S: serde::Serializer>(
+    properties: &BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    shown_properties(properties).serialize(s)
+}
+
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group_id", &self.group_id)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("dlq_replication_factor", &self.dlq_replication_factor)
+            .field("topic_check_interval", &self.topic_check_interval)
+            .field("librdkafka", &shown_properties(&self.librdkafka))
+            .finish()
+    }
 }
 
 impl KafkaSettings {
@@ -368,20 +385,19 @@ pub struct Loaded {
 }
 
 fn from_config_error(e: config::ConfigError) -> ConfigError {
+    let problem = e.to_string();
+    let quoted_after = |marker: &str| {
+        problem
+            .split_once(marker)
+            .and_then(|(_, rest)| rest.split('`').next())
+            .map(str::to_owned)
+    };
     let key = match &e {
         config::ConfigError::Type { key: Some(key), .. } => key.clone(),
         config::ConfigError::NotFound(key) => key.clone(),
-        _ => "configuration".to_owned(),
-    };
-    let problem = e.to_string();
-    // serde names an unknown field; say which one in the key as well.
-    let key = if key == "configuration" {
-        problem
-            .split('`')
-            .nth(1)
-            .map_or(key, |field| format!("configuration ({field})"))
-    } else {
-        key
+        _ => quoted_after("for key `")
+            .or_else(|| quoted_after("unknown field `").map(|f| format!("configuration ({f})")))
+            .unwrap_or_else(|| "configuration".to_owned()),
     };
     invalid(&key, problem)
 }
@@ -805,5 +821,176 @@ mod toml_keys {
                 None => out.push(name),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_file_and_environment_layer_in_order() {
+        let s = Settings::load(None, vars(&[("USE_MOCK_REPOSITORY", "true")])).unwrap();
+        assert_eq!(s.store.kind, StoreKind::Memory);
+        assert_eq!(s.kafka.group_id, "batch-orchestrator-consumers");
+        assert_eq!(s.consumer.max_batch, 256);
+        assert_eq!(s.http.addr, "0.0.0.0:5000");
+        let dir = std::env::temp_dir().join(format!("bos-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bos.toml");
+        std::fs::write(
+            &file,
+            "[consumer]\nmax_batch = 64\nbackoff_max = \"3s\"\n[kafka]\ngroup_id = \"from-file\"\n",
+        )
+        .unwrap();
+        let loaded = Settings::load_with_sources(
+            Some(&file),
+            vars(&[
+                ("DATABASE_URL", "postgres://bos:hunter2@db:5432/bos"),
+                ("BOS__CONSUMER__MAX_BATCH", "32"),
+                ("BOS__RELAY__LEASE", "45s"),
+                ("BOS_LIBRDKAFKA_SECURITY_PROTOCOL", "ssl"),
+                ("BOS_LIBRDKAFKA_SASL_PASSWORD", "hunter2"),
+                ("BOS_KAFKA_TOPIC_PREFIX", "test-"),
+            ]),
+        )
+        .unwrap();
+        let s = &loaded.settings;
+        assert_eq!(s.store.kind, StoreKind::Postgres);
+        assert_eq!(s.consumer.max_batch, 32, "environment beats the file");
+        assert_eq!(s.consumer.backoff_max, Duration::from_secs(3), "durations read as text");
+        assert_eq!(s.relay.lease, Duration::from_secs(45));
+        assert_eq!(s.kafka.group_id, "from-file", "the file beats the defaults");
+        assert_eq!(s.kafka.topic("x"), "test-x");
+        assert_eq!(
+            s.kafka.librdkafka.get("security.protocol").map(String::as_str),
+            Some("ssl")
+        );
+        let shown = s.masked().to_string();
+        assert!(!shown.contains("hunter2"), "secrets are masked: {shown}");
+        assert!(shown.contains("postgres://bos:***@db:5432/bos"));
+        assert!(!format!("{s:?}").contains("hunter2"), "and in Debug output");
+        assert_eq!(loaded.sources["consumer.max_batch"], "BOS__CONSUMER__MAX_BATCH");
+        assert_eq!(loaded.sources["database.url"], "DATABASE_URL");
+        assert!(loaded.sources["kafka.group_id"].starts_with("file "));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn invalid_settings_name_the_key() {
+        let memory = ("USE_MOCK_REPOSITORY", "true");
+        let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+            (vec![("BOS_STORE", "redis")], "store.kind"),
+            (vec![], "database.url"),
+            (vec![memory, ("BOS__CONSUMER__MAX_BATCH", "lots")], "consumer.max_batch"),
+            (vec![memory, ("BOS__CONSUMER__MAX_BATCH", "0")], "consumer.max_batch"),
+            (vec![memory, ("BOS__CONSUMER__BACKOFF_MAX", "soon")], "consumer.backoff_max"),
+            (vec![memory, ("BOS_HTTP_ADDR", "nowhere")], "http.addr"),
+            (vec![memory, ("BOS__CREDITS__POLICY", "free")], "credits.policy"),
+            (vec![memory, ("BOS_LOG_FORMAT", "xml")], "log.format"),
+            (
+                vec![memory, ("BOS_LIBRDKAFKA_ENABLE_AUTO_OFFSET_STORE", "true")],
+                "kafka.librdkafka.enable.auto.offset.store",
+            ),
+            (
+                vec![memory, ("BOS_LIBRDKAFKA_ACKS", "1")],
+                "kafka.librdkafka.acks",
+            ),
+        ];
+        for (env, key) in cases {
+            let e = Settings::load(None, vars(&env)).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+        }
+        let e = Settings::load(None, vars(&[memory, ("BOS__CONSUMR__MAX_BATCH", "1")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("consumr"), "typos are named: {e}");
+        let e = Settings::load(Some(Path::new("/nonexistent/bos.toml")), vars(&[])).unwrap_err();
+        assert_eq!(e.key, "BOS_CONFIG");
+    }
+
+    #[test]
+    fn the_phase_graph_is_validated_with_a_message_naming_it() {
+        let dir = std::env::temp_dir().join(format!("bos-graph-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (text, needle) in [
+            (
+                "[pipeline.phases.nlp]\ndepends_on = [\"grading\"]\n",
+                "grading",
+            ),
+            (
+                "[pipeline.phases.spellcheck]\ndepends_on = [\"ai_feedback\"]\n",
+                "cycle",
+            ),
+        ] {
+            let file = dir.join("graph.toml");
+            std::fs::write(&file, text).unwrap();
+            let e = Settings::load(Some(&file), vars(&[("BOS_STORE", "memory")])).unwrap_err();
+            assert!(e.key.starts_with("pipeline.phases"), "{e}");
+            assert!(e.to_string().contains(needle), "{e}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+        let g = Settings::defaults().graph().unwrap();
+        assert_eq!(
+            g.resolve(PhaseName::AiFeedback).unwrap(),
+            [PhaseName::Spellcheck, PhaseName::Nlp, PhaseName::AiFeedback]
+        );
+    }
+
+    #[test]
+    fn the_original_services_variables_are_read_and_bos_names_win() {
+        let legacy = vars(&[
+            ("BATCH_ORCHESTRATOR_SERVICE_KAFKA_BOOTSTRAP_SERVERS", "kafka:9092"),
+            ("BATCH_ORCHESTRATOR_SERVICE_KAFKA_CONSUMER_GROUP_ID", "bos-group"),
+            ("BATCH_ORCHESTRATOR_SERVICE_PORT", "5001"),
+            ("BATCH_ORCHESTRATOR_SERVICE_DB_POOL_SIZE", "7"),
+            ("BATCH_ORCHESTRATOR_SERVICE_LOG_LEVEL", "DEBUG"),
+            ("BATCH_ORCHESTRATOR_SERVICE_ENTITLEMENTS_BASE_URL", "http://ent:8083/"),
+            ("BATCH_ORCHESTRATOR_SERVICE_ENTITLEMENTS_HTTP_TIMEOUT_SECONDS", "3"),
+            ("ENVIRONMENT", "staging"),
+            ("HULEEDU_DB_USER", "huleedu_user"),
+            ("HULEEDU_DB_PASSWORD", "p@ss word"),
+            ("ENV_TYPE", "docker"),
+        ]);
+        let loaded = Settings::load_with_sources(None, legacy.clone()).unwrap();
+        let s = &loaded.settings;
+        assert_eq!(s.kafka.bootstrap_servers, "kafka:9092");
+        assert_eq!(s.kafka.group_id, "bos-group");
+        assert_eq!(s.http.addr, "0.0.0.0:5001");
+        assert_eq!(s.database.max_connections, 17, "pool size plus the default overflow");
+        assert_eq!(s.log.level, "debug");
+        assert_eq!(s.environment, "staging");
+        assert_eq!(s.credits.policy, CreditPolicyKind::Entitlements);
+        assert_eq!(s.credits.entitlements.base_url, "http://ent:8083");
+        assert_eq!(s.credits.entitlements.timeout, Duration::from_secs(3));
+        assert_eq!(
+            s.database.url.expose(),
+            "postgres://huleedu_user:p%40ss%20word@batch_orchestrator_db:5432/huleedu_batch_orchestrator"
+        );
+        assert_eq!(
+            loaded.sources["kafka.group_id"],
+            "BATCH_ORCHESTRATOR_SERVICE_KAFKA_CONSUMER_GROUP_ID"
+        );
+        let mut both = legacy;
+        both.push(("BOS_KAFKA_GROUP_ID".into(), "bos-own".into()));
+        both.push((
+            "BATCH_ORCHESTRATOR_SERVICE_DATABASE_URL".into(),
+            "postgresql+asyncpg://u:p@h:5432/d".into(),
+        ));
+        let loaded = Settings::load_with_sources(None, both).unwrap();
+        assert_eq!(loaded.settings.kafka.group_id, "bos-own", "bos's own name wins");
+        assert_eq!(loaded.sources["kafka.group_id"], "BOS_KAFKA_GROUP_ID");
+        assert_eq!(
+            loaded.settings.database.url.expose(),
+            "postgresql://u:p@h:5432/d"
+        );
+        let testing = Settings::load(None, vars(&[("ENVIRONMENT", "testing")])).unwrap();
+        assert_eq!(testing.store.kind, StoreKind::Memory, "the original's testing mode");
     }
 }

@@ -20,6 +20,11 @@ impl EmbeddedKafka {
         self.cluster.bootstrap_servers()
     }
 
+    /// The mock cluster itself: broker down/up, injected request errors, topics.
+    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
+        &self.cluster
+    }
+
     /// Every consumed, dead-letter and published topic, under `prefix`.
     pub fn create_topics(&self, prefix: &str, partitions: i32) -> rdkafka::error::KafkaResult<()> {
         for topic in topics::CONSUMED {

@@ -122,6 +122,15 @@ impl Repository for MemoryRepository {
         if !raced.is_empty() {
             return Err(CommitError::Processed(raced));
         }
+        let mut ids: HashSet<Uuid> = HashSet::new();
+        for m in unit.outbox.iter().filter(|m| keeps(&m.key)) {
+            if !ids.insert(m.event_id) || inner.outbox.iter().any(|r| r.id == m.event_id) {
+                return Err(CommitError::Store(super::StoreError::Constraint(format!(
+                    "outbox row {} exists already",
+                    m.event_id
+                ))));
+            }
+        }
         // Nothing can fail from here: apply.
         for w in unit.writes {
             if !winners.contains(&w.batch.id) {

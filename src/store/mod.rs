@@ -32,6 +32,9 @@ pub enum StoreError {
     /// A stored row does not decode: needs an operator, not a retry.
     #[error("stored data for `{id}` is unreadable: {error}")]
     Corrupt { id: String, error: String },
+    /// A uniqueness or integrity rule refused the data.
+    #[error("constraint violated: {0}")]
+    Constraint(String),
     /// A failure a test injected (see the tests' repository decorators).
     #[error("{0}")]
     Injected(String),
@@ -60,7 +63,9 @@ impl StoreError {
     pub fn class(&self) -> ErrorClass {
         match self {
             StoreError::Database(e) => classify(e),
-            StoreError::Migration(_) | StoreError::Corrupt { .. } => ErrorClass::Permanent,
+            StoreError::Migration(_) | StoreError::Corrupt { .. } | StoreError::Constraint(_) => {
+                ErrorClass::Permanent
+            }
             StoreError::Injected(message) if message.contains("permanent") => ErrorClass::Permanent,
             StoreError::Injected(_) => ErrorClass::Transient,
         }
