@@ -7,3 +7,4 @@ mod support;
 
 mod contracts;
 mod repository;
+mod worker;

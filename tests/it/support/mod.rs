@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod faulty;
+pub mod flow;
 pub mod kafka;
 pub mod pg;
 
