@@ -271,3 +271,6 @@ impl From<StoreError> for RoundError {
         RoundError::Store(e)
     }
 }
+
+#[cfg(test)]
+mod tests;
