@@ -251,7 +251,10 @@ impl Application {
                 tokio::select! {
                     _ = crate::signal::stopped(&mut stopped) => return ("topic check", Ok(())),
                     _ = tick.tick() => {
-                        kafka::check_topics(&kafka_settings, consumes, &health).await;
+                        tokio::select! {
+                            () = crate::signal::stopped(&mut stopped) => return ("topic check", Ok(())),
+                            () = kafka::check_topics(&kafka_settings, consumes, &health) => {}
+                        }
                         let missing = health.missing_topics().len();
                         metrics.missing_topics.set(i64::try_from(missing).unwrap_or(i64::MAX));
                         let ready = health.checks().iter().all(|c| c.ok);
@@ -295,11 +298,18 @@ impl Application {
             ("http", served)
         });
         // The first task to end, or the shutdown signal.
+        let mut first_name: Result<(&'static str, ()), ()> = Err(());
         let failure: Option<anyhow::Error> = tokio::select! {
             _ = crate::signal::stopped(&mut shutdown) => None,
             Some(first) = tasks.join_next() => Some(match first {
-                Ok((name, Ok(()))) => anyhow::anyhow!("the {name} task ended unexpectedly"),
-                Ok((name, Err(e))) => e.context(format!("the {name} task failed")),
+                Ok((name, Ok(()))) => {
+                    first_name = Ok((name, ()));
+                    anyhow::anyhow!("the {name} task ended unexpectedly")
+                }
+                Ok((name, Err(e))) => {
+                    first_name = Ok((name, ()));
+                    e.context(format!("the {name} task failed"))
+                }
                 Err(e) => anyhow::anyhow!("a task panicked: {e}"),
             }),
         };
@@ -310,12 +320,25 @@ impl Application {
         }
         let _ = stop_tx.send(true);
         let deadline = self.settings.consumer.drain_timeout;
+        let mut running: std::collections::BTreeSet<&'static str> =
+            ["relay", "housekeeping", "topic check", "http"].into();
+        if consumes {
+            running.insert("consumer");
+        }
+        if let Ok((name, _)) = &first_name {
+            running.remove(name);
+        }
         let drained = tokio::time::timeout(deadline, async {
             let mut failed = None;
             while let Some(joined) = tasks.join_next().await {
                 match joined {
-                    Ok((_, Ok(()))) => {}
-                    Ok((name, Err(e))) => failed = failed.or(Some(e.context(format!("the {name} task failed")))),
+                    Ok((name, Ok(()))) => {
+                        running.remove(name);
+                    }
+                    Ok((name, Err(e))) => {
+                        running.remove(name);
+                        failed = failed.or(Some(e.context(format!("the {name} task failed"))));
+                    }
                     Err(e) => failed = failed.or(Some(anyhow::anyhow!("a task panicked: {e}"))),
                 }
             }
@@ -328,7 +351,8 @@ impl Application {
             (None, Err(_)) => {
                 tasks.abort_all();
                 Err(anyhow::anyhow!(
-                    "in-flight work did not finish within {deadline:?}; unfinished records are redelivered"
+                    "in-flight work did not finish within {deadline:?} (still running: {}); unfinished records are redelivered",
+                    running.iter().copied().collect::<Vec<_>>().join(", ")
                 ))
             }
             (None, Ok(Some(e))) => Err(e),

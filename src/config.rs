@@ -659,10 +659,14 @@ impl Settings {
             .map_err(from_config_error)?
             .try_deserialize()
             .map_err(from_config_error)?;
-        // Properties come as `security_protocol` from files and variables.
+        // Properties come as `security_protocol` from files and variables;
+        // `log_level` is the one settable property spelled with an underscore.
         settings.kafka.librdkafka = std::mem::take(&mut settings.kafka.librdkafka)
             .into_iter()
-            .map(|(k, v)| (k.replace('_', "."), v))
+            .map(|(k, v)| match k.as_str() {
+                "log_level" | "log.level" => ("log_level".to_owned(), v),
+                _ => (k.replace('_', "."), v),
+            })
             .collect();
         settings.validate()?;
         Ok(Loaded { settings, sources })

@@ -453,6 +453,18 @@ async fn apply_with_retries(
     }
 }
 
+/// When told to stop during a dead-letter send: a send that is merely slow gets
+/// a few more seconds; one that cannot succeed (a missing topic) is abandoned
+/// and the record is read again by the next owner.
+async fn finish_or_give_up<F>(send: &mut std::pin::Pin<&mut F>) -> Option<Result<(), KafkaError>>
+where
+    F: std::future::Future<Output = Result<(), KafkaError>>,
+{
+    tokio::time::timeout(Duration::from_secs(5), send.as_mut())
+        .await
+        .ok()
+}
+
 /// Dead-letters what needs it, counts, and stores the offset of the last
 /// record. False when told to stop before every letter was acknowledged (the
 /// offsets then stay where they were).
@@ -474,7 +486,20 @@ async fn settle(
                 tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, reason, error, "dead-lettering");
                 let mut wait = shared.settings.backoff_initial;
                 loop {
-                    match shared.dead_letters.send(record, reason, error).await {
+                    let send = shared.dead_letters.send(record, reason, error);
+                    tokio::pin!(send);
+                    let sent = tokio::select! {
+                        r = &mut send => r,
+                        () = crate::signal::stopped(stop) => match finish_or_give_up(&mut send).await {
+                            Some(r) => r,
+                            None => return false,
+                        },
+                        () = crate::signal::stopped(shutdown) => match finish_or_give_up(&mut send).await {
+                            Some(r) => r,
+                            None => return false,
+                        },
+                    };
+                    match sent {
                         Ok(()) => break,
                         Err(e) => {
                             shared.retries.warn(&format!(

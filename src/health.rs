@@ -25,6 +25,7 @@ struct Partition {
 #[derive(Debug, Default)]
 struct State {
     missing_topics: BTreeSet<String>,
+    topics_checked: bool,
     topics_unchecked: Option<String>,
     consumer_last_turn: Option<Instant>,
     partitions: BTreeMap<(String, i32), Partition>,
@@ -62,6 +63,7 @@ impl Health {
             tracing::info!("every topic bos needs exists now");
         }
         state.missing_topics = missing;
+        state.topics_checked = true;
         state.topics_unchecked = None;
     }
 
@@ -146,8 +148,15 @@ impl Health {
         let state = self.state();
         let mut checks = vec![Check {
             name: "topics",
-            ok: state.missing_topics.is_empty(),
-            detail: if state.missing_topics.is_empty() {
+            ok: state.topics_checked && state.missing_topics.is_empty(),
+            detail: if !state.topics_checked {
+                Some(
+                    state
+                        .topics_unchecked
+                        .clone()
+                        .unwrap_or_else(|| "not checked yet".to_owned()),
+                )
+            } else if state.missing_topics.is_empty() {
                 state.topics_unchecked.clone()
             } else {
                 Some(format!(

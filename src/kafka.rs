@@ -363,18 +363,21 @@ pub async fn check_topics(kafka: &KafkaSettings, consume: bool, health: &Health)
             existing.get(source).map(|&n| (t.clone(), n))
         })
         .collect();
+    health.set_missing_topics(missing.clone());
     if !dlq.is_empty() {
-        match create_topics(&kafka, &dlq).await {
-            Ok(created) => {
+        let created = tokio::time::timeout(Duration::from_secs(15), create_topics(&kafka, &dlq)).await;
+        match created {
+            Ok(Ok(created)) => {
                 for t in created {
                     tracing::info!(topic = %t, "created the missing dead-letter topic");
                     missing.remove(&t);
                 }
+                health.set_missing_topics(missing);
             }
-            Err(e) => tracing::warn!(error = %e, "could not create the missing dead-letter topics"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not create the missing dead-letter topics"),
+            Err(_) => tracing::warn!("creating the missing dead-letter topics timed out (does the broker support CreateTopics?)"),
         }
     }
-    health.set_missing_topics(missing);
 }
 
 fn existing_topics(config: &ClientConfig) -> KafkaResult<std::collections::BTreeMap<String, i32>> {

@@ -412,7 +412,11 @@ impl Housekeeping {
             tokio::select! {
                 _ = crate::signal::stopped(&mut shutdown) => return Ok(()),
                 _ = tick.tick() => {
-                    if let Err(e) = self.once().await {
+                    let round = tokio::select! {
+                        () = crate::signal::stopped(&mut shutdown) => return Ok(()),
+                        r = self.once() => r,
+                    };
+                    if let Err(e) = round {
                         tracing::warn!(error = %e, "housekeeping round failed; next one in {:?}", self.settings.housekeeping_interval);
                     }
                 }

@@ -7,4 +7,5 @@ mod support;
 
 mod contracts;
 mod repository;
+mod liveness;
 mod worker;

@@ -37,7 +37,15 @@ pub struct FlowOptions {
     pub wrap: Option<Box<dyn FnOnce(Arc<dyn Repository>) -> Arc<dyn Repository> + Send>>,
     pub credits: Option<Arc<dyn bos::credits::CreditPolicy>>,
     pub create_topics: bool,
+    /// Runs after the database and topics exist, before the worker starts
+    /// (to put records in Kafka that its first poll then reads together).
+    pub before_start: Option<BeforeStart>,
 }
+
+pub type BeforeStart = Box<
+    dyn FnOnce(Arc<dyn Repository>, KafkaSettings) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send,
+>;
 
 impl Default for FlowOptions {
     fn default() -> Self {
@@ -47,6 +55,7 @@ impl Default for FlowOptions {
             wrap: None,
             credits: None,
             create_topics: true,
+            before_start: None,
         }
     }
 }
@@ -70,6 +79,9 @@ impl Flow {
         let pg = PgRepository::from_pool(database.pool.clone());
         pg.migrate().await.unwrap();
         let pg: Arc<dyn Repository> = Arc::new(pg);
+        if let Some(before) = options.before_start {
+            before(pg.clone(), kafka.clone()).await;
+        }
         let repo = match options.wrap {
             Some(wrap) => wrap(pg),
             None => pg,

@@ -163,6 +163,18 @@ impl Upstream {
     }
 
     pub async fn send_raw(&self, topic: &str, key: &str, payload: &[u8], headers: &[(&str, &str)]) {
+        self.send_to(topic, None, key, payload, headers).await;
+    }
+
+    /// Sends to a chosen partition (or the partitioner's choice).
+    pub async fn send_to(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) {
         let topic = self.kafka.topic(topic);
         let mut hs = OwnedHeaders::new();
         for (k, v) in headers {
@@ -171,14 +183,12 @@ impl Upstream {
                 value: Some(*v),
             });
         }
+        let mut record = FutureRecord::to(&topic).key(key).payload(payload).headers(hs);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
         self.producer
-            .send(
-                FutureRecord::to(&topic)
-                    .key(key)
-                    .payload(payload)
-                    .headers(hs),
-                Duration::from_secs(10),
-            )
+            .send(record, Duration::from_secs(10))
             .await
             .map_err(|(e, _)| e)
             .unwrap();

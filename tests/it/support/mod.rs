@@ -121,3 +121,15 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A GUEST batch with `n` essays, ready for pipelines (as if provisioned).
+pub fn ready_batch(n: usize) -> Batch {
+    let (mut batch, _) = new_batch(n);
+    batch.status = bos::contracts::BatchStatus::ReadyForPipelineExecution;
+    batch
+}
+
+/// An envelope around `data` with this event id.
+pub fn envelope<D: serde::Serialize>(topic: &str, event_id: Uuid, data: D) -> Vec<u8> {
+    bos::sim::upstream::envelope_json(topic, "test_upstream", event_id, Uuid::new_v4(), Utc::now(), data)
+}
