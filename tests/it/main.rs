@@ -6,6 +6,7 @@
 mod support;
 
 mod contracts;
+mod http;
 mod repository;
 mod liveness;
 mod worker;
