@@ -109,6 +109,31 @@ impl Builder {
 
 impl Metrics {
     pub fn new() -> Self {
+        let metrics = Self::unlabelled();
+        // Every label value an alert or dashboard reads exists from the start (at 0).
+        for reason in ["decode_error", "unknown_batch", "empty_ready_essays", "apply_error"] {
+            metrics.dead_letters.with_label_values(&[reason]);
+        }
+        for class in ["transient", "contended", "permanent"] {
+            metrics.apply_retries.with_label_values(&[class]);
+        }
+        for client in ["consumer", "producer"] {
+            metrics.kafka_client_errors.with_label_values(&[client]);
+        }
+        for kind in ["assign", "revoke"] {
+            metrics.rebalances.with_label_values(&[kind]);
+        }
+        for table in ["event_outbox", "processed_events"] {
+            metrics.purged.with_label_values(&[table]);
+        }
+        for result in ["allowed", "denied", "unavailable"] {
+            metrics.credit_checks.with_label_values(&[result]);
+        }
+        metrics.outbox_queue_depth.with_label_values(&[SERVICE]);
+        metrics
+    }
+
+    fn unlabelled() -> Self {
         let b = Builder {
             registry: Registry::new(),
         };
