@@ -7,6 +7,7 @@ mod support;
 
 mod contracts;
 mod http;
+mod relay;
 mod repository;
 mod liveness;
 mod worker;
