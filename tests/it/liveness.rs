@@ -370,7 +370,7 @@ async fn a_stuck_consumer_is_not_ready_and_a_missed_drain_is_an_error() {
         },
     ))
     .await;
-    assert_eq!(flow.app.get("/readyz").await.0, 200);
+    eventually(Duration::from_secs(30), "ready first", || async { flow.app.get("/readyz").await.0 == 200 }).await;
     let batch = ready_batch(1);
     store(&flow.repo(), std::slice::from_ref(&batch)).await;
     faulty.lock().unwrap().as_ref().unwrap().inject(&batch.id, Fault::Hang, 1);
