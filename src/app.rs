@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 
 use crate::apply::Applier;
 use crate::config::{Settings, StoreKind};
-use crate::consumer::{self, Consumer, DeadLetters};
+use crate::consumer::{self, Consumer};
 use crate::credits::{self, CreditPolicy};
 use crate::domain::Rules;
 use crate::health::Health;
@@ -268,11 +268,6 @@ impl Application {
                 consumer,
                 assignments,
                 state.applier.clone(),
-                DeadLetters {
-                    producer: self.producer.clone(),
-                    kafka: self.settings.kafka.clone(),
-                    health: self.health.clone(),
-                },
                 self.settings.kafka.clone(),
                 self.settings.consumer.clone(),
                 self.health.clone(),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
@@ -20,7 +20,7 @@ use crate::apply::{prepare, Applier, Outcome, Record, Verdict};
 use crate::config::{ConsumerSettings, KafkaSettings};
 use crate::contracts::topics;
 use crate::health::Health;
-use crate::kafka::{consumer_config, Assignment, ConsumerEvents, ProducerHandle};
+use crate::kafka::{consumer_config, Assignment, ConsumerEvents};
 use crate::metrics::Metrics;
 use crate::throttle::Throttled;
 
@@ -41,69 +41,10 @@ pub fn subscribe(
     Ok((Arc::new(consumer), rx))
 }
 
-/// Sends records to `<topic>.dlq` with the reason.
-pub struct DeadLetters {
-    pub producer: Arc<ProducerHandle>,
-    pub kafka: KafkaSettings,
-    pub health: Arc<Health>,
-}
-
-impl DeadLetters {
-    /// Publishes one letter and waits for the broker's acknowledgement.
-    pub async fn send(&self, record: &Record, reason: &str, error: &str) -> Result<(), KafkaError> {
-        let source = self.kafka.topic(&record.topic);
-        let topic = format!("{source}{}", topics::DLQ_SUFFIX);
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in &record.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        let partition = record.partition.to_string();
-        let offset = record.offset.to_string();
-        let failed_at = crate::contracts::time::format(&chrono::Utc::now());
-        let error: String = error.chars().take(4000).collect();
-        for (k, v) in [
-            ("dlq.reason", reason),
-            ("dlq.error", error.as_str()),
-            ("dlq.source.topic", source.as_str()),
-            ("dlq.source.partition", partition.as_str()),
-            ("dlq.source.offset", offset.as_str()),
-            ("dlq.failed_at", failed_at.as_str()),
-        ] {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        let result = self
-            .producer
-            .send(
-                &topic,
-                record.key.as_deref(),
-                record.payload.as_deref().unwrap_or_default(),
-                headers,
-                Duration::from_secs(30),
-            )
-            .await;
-        if let Err(e) = &result {
-            if matches!(
-                e.rdkafka_error_code(),
-                Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
-            ) {
-                self.health.topic_missing(&topic);
-            }
-        }
-        result
-    }
-}
-
 /// What the partition tasks share.
 pub struct Shared {
     pub consumer: Arc<BosConsumer>,
     pub applier: Applier,
-    pub dead_letters: DeadLetters,
     pub kafka: KafkaSettings,
     pub settings: ConsumerSettings,
     pub health: Arc<Health>,
@@ -169,7 +110,6 @@ impl Consumer {
         consumer: Arc<BosConsumer>,
         assignments: mpsc::UnboundedReceiver<Assignment>,
         applier: Applier,
-        dead_letters: DeadLetters,
         kafka: KafkaSettings,
         settings: ConsumerSettings,
         health: Arc<Health>,
@@ -180,7 +120,6 @@ impl Consumer {
             shared: Arc::new(Shared {
                 consumer,
                 applier,
-                dead_letters,
                 kafka,
                 settings,
                 health,
@@ -208,6 +147,7 @@ impl Consumer {
             .unwrap_or_default();
         Record {
             topic: self.shared.kafka.unprefixed(message.topic()).to_owned(),
+            source_topic: message.topic().to_owned(),
             partition: message.partition(),
             offset: message.offset(),
             key: message.key().map(<[u8]>::to_vec),
@@ -405,9 +345,7 @@ async fn partition_task(
             .with_label_values(&["committed"])
             .observe(started.elapsed().as_secs_f64());
         shared.outbox_written.notify_one();
-        if !settle(&shared, &records, &outcomes, &mut stop, &mut shutdown).await {
-            return Ok(());
-        }
+        settle(&shared, &records, &outcomes);
         let (left, oldest) = queue.oldest();
         shared.health.partition_progress(&key, oldest);
         if left < shared.settings.partition_buffer / 2 {
@@ -453,28 +391,9 @@ async fn apply_with_retries(
     }
 }
 
-/// When told to stop during a dead-letter send: a send that is merely slow gets
-/// a few more seconds; one that cannot succeed (a missing topic) is abandoned
-/// and the record is read again by the next owner.
-async fn finish_or_give_up<F>(send: &mut std::pin::Pin<&mut F>) -> Option<Result<(), KafkaError>>
-where
-    F: std::future::Future<Output = Result<(), KafkaError>>,
-{
-    tokio::time::timeout(Duration::from_secs(5), send.as_mut())
-        .await
-        .ok()
-}
-
-/// Dead-letters what needs it, counts, and stores the offset of the last
-/// record. False when told to stop before every letter was acknowledged (the
-/// offsets then stay where they were).
-async fn settle(
-    shared: &Shared,
-    records: &[Record],
-    outcomes: &[Outcome],
-    stop: &mut watch::Receiver<bool>,
-    shutdown: &mut watch::Receiver<bool>,
-) -> bool {
+/// Counts, and stores the offset of the last record (dead letters went out
+/// through the outbox, in the transaction that settled them).
+fn settle(shared: &Shared, records: &[Record], outcomes: &[Outcome]) {
     for (record, outcome) in records.iter().zip(outcomes) {
         shared
             .metrics
@@ -483,43 +402,12 @@ async fn settle(
             .inc();
         match &outcome.verdict {
             Verdict::DeadLetter { reason, error } => {
-                tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, reason, error, "dead-lettering");
-                let mut wait = shared.settings.backoff_initial;
-                loop {
-                    let send = shared.dead_letters.send(record, reason, error);
-                    tokio::pin!(send);
-                    let sent = tokio::select! {
-                        r = &mut send => r,
-                        () = crate::signal::stopped(stop) => match finish_or_give_up(&mut send).await {
-                            Some(r) => r,
-                            None => return false,
-                        },
-                        () = crate::signal::stopped(shutdown) => match finish_or_give_up(&mut send).await {
-                            Some(r) => r,
-                            None => return false,
-                        },
-                    };
-                    match sent {
-                        Ok(()) => break,
-                        Err(e) => {
-                            shared.retries.warn(&format!(
-                                "dead-letter publish for {}[{}]@{} failed: {e}; retrying in {wait:?}",
-                                record.topic, record.partition, record.offset
-                            ));
-                            tokio::select! {
-                                _ = crate::signal::stopped(stop) => return false,
-                                _ = crate::signal::stopped(shutdown) => return false,
-                                _ = tokio::time::sleep(wait) => {}
-                            }
-                            wait = (wait * 2).min(shared.settings.backoff_max);
-                        }
-                    }
-                }
                 shared
                     .metrics
                     .dead_letters
                     .with_label_values(&[reason])
                     .inc();
+                tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, reason, error, "dead-lettered");
             }
             Verdict::Ignored(why) => {
                 tracing::info!(topic = %record.topic, offset = record.offset, why, "ignored");
@@ -532,15 +420,13 @@ async fn settle(
         }
     }
     if let Some(last) = records.last() {
-        let topic = shared.kafka.topic(&last.topic);
         if let Err(e) = shared
             .consumer
-            .store_offset(&topic, last.partition, last.offset)
+            .store_offset(&last.source_topic, last.partition, last.offset)
         {
             tracing::debug!(error = %e, "offset not stored (partition revoked?)");
         }
     }
-    true
 }
 
 /// Records behind the high watermark over the consumer's assigned partitions.

@@ -459,8 +459,8 @@ async fn retry_phase(
         Some(c) => Uuid::new_v5(&RETRY_NAMESPACE, format!("{id}/{phase}/{c}").as_bytes()),
         None => Uuid::new_v4(),
     };
-    let prepared = vec![Prepared::Event {
-        event: InboundEvent::PipelineRequest(ClientPipelineRequest {
+    let prepared = vec![Prepared::event(
+        InboundEvent::PipelineRequest(ClientPipelineRequest {
             batch_id: id.clone(),
             requested_pipeline: phase.as_str().to_owned(),
             user_id,
@@ -469,13 +469,13 @@ async fn retry_phase(
             retry_reason: Some(reason),
             prompt_payload: None,
         }),
-        meta: EventMeta {
+        EventMeta {
             event_id,
             correlation_id,
             traceparent: None,
         },
-        topic: "http.retry-phase".to_owned(),
-    }];
+        "http.retry-phase",
+    )];
     let outcome = match state.applier.apply(&prepared).await {
         Ok(mut o) => o.remove(0),
         Err(e) => {

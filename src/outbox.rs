@@ -55,6 +55,17 @@ pub fn headers(row: &OutboxRow) -> OwnedHeaders {
     headers
 }
 
+fn raw_headers(pairs: &[(String, Vec<u8>)]) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(pairs.len());
+    for (key, value) in pairs {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_slice()),
+        });
+    }
+    headers
+}
+
 /// What one pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pass {
@@ -220,10 +231,22 @@ impl Relay {
                 pending.push(Err((error.clone(), false)));
                 continue;
             }
-            let record = FutureRecord::to(topic)
-                .key(&row.key)
-                .payload(row.payload.as_bytes())
-                .headers(headers(row));
+            let record = match &row.raw {
+                // A dead letter: the original key, bytes and headers (plus dlq.*).
+                Some(raw) => {
+                    let mut record = FutureRecord::to(topic)
+                        .payload(raw.payload.as_slice())
+                        .headers(raw_headers(&raw.headers));
+                    if let Some(key) = raw.key.as_deref() {
+                        record = record.key(key);
+                    }
+                    record
+                }
+                None => FutureRecord::to(topic)
+                    .key(row.key.as_bytes())
+                    .payload(row.payload.as_bytes())
+                    .headers(headers(row)),
+            };
             match producer.send_result(record) {
                 Ok(delivery) => pending.push(Ok(delivery)),
                 Err((e, _)) => {
@@ -264,6 +287,9 @@ impl Relay {
                         .inc();
                 }
                 Err((error, true)) => {
+                    if error.contains("Unknown topic") || error.contains("UnknownTopic") {
+                        self.health.topic_missing(&self.kafka.topic(&row.topic));
+                    }
                     self.errors.warn(&format!(
                         "publish of {} to {} failed: {error}; will retry",
                         row.id, row.topic
@@ -312,7 +338,21 @@ impl Relay {
         let mut errors = 0u32;
         let mut woke = Instant::now();
         while !*shutdown.borrow() {
-            match self.publish_once().await {
+            // A pass in flight when shutdown comes gets a few seconds to finish
+            // (deliveries to a missing topic never would); an abandoned pass's
+            // rows are published again once their lease runs out, same ids.
+            let mut stopping = shutdown.clone();
+            let pass = tokio::select! {
+                r = self.publish_once() => r,
+                () = async {
+                    crate::signal::stopped(&mut stopping).await;
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                } => {
+                    tracing::warn!("a relay pass did not finish within 5 s of shutdown; its rows are published again later");
+                    break;
+                }
+            };
+            match pass {
                 Ok(pass) => {
                     errors = 0;
                     if pass.claimed > 0 {

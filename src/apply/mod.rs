@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-pub use plan::{prepare, Plan, Planned, Prepared, Record, Verdict};
+pub use plan::{letter, prepare, Item, Plan, Planned, Prepared, Record, Verdict};
 
 use crate::credits::CreditPolicy;
 use crate::domain::{CreditAnswers, Env, RandomIds, Rules};
@@ -117,12 +117,30 @@ impl Applier {
                         .inc();
                     if let [only] = pending[..] {
                         tracing::warn!(error = %e, "the database refuses this record; dead-lettering it");
+                        let error = e.to_string();
+                        if let Some(l) = prepared[only]
+                            .source
+                            .as_deref()
+                            .and_then(|s| letter(s, APPLY_ERROR, &error, chrono::Utc::now()))
+                        {
+                            let unit = crate::store::UnitOfWork {
+                                outbox: vec![l],
+                                ..crate::store::UnitOfWork::default()
+                            };
+                            match self.repo.commit(unit).await {
+                                Ok(_) => {}
+                                Err(CommitError::Store(e)) if e.is_transient() => {
+                                    return Err(ApplyError::Transient(e));
+                                }
+                                Err(e) => tracing::error!(error = %e, "the dead letter itself could not be recorded"),
+                            }
+                        }
                         outcomes.insert(
                             only,
                             Outcome {
                                 verdict: Verdict::DeadLetter {
                                     reason: APPLY_ERROR,
-                                    error: e.to_string(),
+                                    error,
                                 },
                                 denied: None,
                             },

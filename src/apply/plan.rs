@@ -16,6 +16,8 @@ use crate::store::{BatchWrite, InboxRecord, UnitOfWork};
 pub struct Record {
     /// Unprefixed topic.
     pub topic: String,
+    /// The topic as the broker names it (with the configured prefix).
+    pub source_topic: String,
     pub partition: i32,
     pub offset: i64,
     pub key: Option<Vec<u8>>,
@@ -34,10 +36,18 @@ impl Record {
     }
 }
 
-/// A record after decoding.
+/// A record after decoding, with the record itself (when it came from Kafka)
+/// for the dead letter it may become.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub item: Item,
+    pub source: Option<Box<Record>>,
+}
+
+/// What a record decoded to.
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)] // Poison is rare; boxing every event costs more.
-pub enum Prepared {
+pub enum Item {
     Event {
         event: InboundEvent,
         meta: EventMeta,
@@ -49,19 +59,79 @@ pub enum Prepared {
 }
 
 impl Prepared {
+    /// An event that did not come from Kafka (an HTTP retry).
+    pub fn event(event: InboundEvent, meta: EventMeta, topic: &str) -> Self {
+        Self {
+            item: Item::Event {
+                event,
+                meta,
+                topic: topic.to_owned(),
+            },
+            source: None,
+        }
+    }
+
     pub fn event_id(&self) -> Option<Uuid> {
-        match self {
-            Prepared::Event { meta, .. } => Some(meta.event_id),
-            Prepared::Poison { .. } => None,
+        match &self.item {
+            Item::Event { meta, .. } => Some(meta.event_id),
+            Item::Poison { .. } => None,
         }
     }
 
     pub fn batch_id(&self) -> Option<&str> {
-        match self {
-            Prepared::Event { event, .. } => Some(event.batch_id()),
-            Prepared::Poison { .. } => None,
+        match &self.item {
+            Item::Event { event, .. } => Some(event.batch_id()),
+            Item::Poison { .. } => None,
         }
     }
+}
+
+/// Namespace of dead letters' ids, derived from the record's position.
+const LETTER_NAMESPACE: Uuid = Uuid::from_u128(0x9d4b_17e2_5c03_4f8a_b6e1_2a7c_0d5f_3e91);
+
+/// The dead letter of `source`, as an outbox row: its id comes from the
+/// record's position, so dead-lettering the same record again (after a crash)
+/// is the same letter.
+pub fn letter(
+    source: &Record,
+    reason: &str,
+    error: &str,
+    now: crate::contracts::Timestamp,
+) -> Option<OutboundMessage> {
+    let topic = topics::dead_letter_topic(&source.topic)?;
+    let position = format!("{}/{}/{}", source.source_topic, source.partition, source.offset);
+    let id = Uuid::new_v5(&LETTER_NAMESPACE, position.as_bytes());
+    let mut headers = source.headers.clone();
+    let error: String = error.chars().take(4000).collect();
+    for (k, v) in [
+        ("dlq.reason", reason.to_owned()),
+        ("dlq.error", error),
+        ("dlq.source.topic", source.source_topic.clone()),
+        ("dlq.source.partition", source.partition.to_string()),
+        ("dlq.source.offset", source.offset.to_string()),
+        ("dlq.failed_at", crate::contracts::time::format(&now)),
+        ("dlq.id", id.to_string()),
+    ] {
+        headers.push((k.to_owned(), v.into_bytes()));
+    }
+    Some(OutboundMessage {
+        event_id: id,
+        topic,
+        key: source
+            .key
+            .as_deref()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default(),
+        correlation_id: id,
+        occurred_at: now,
+        traceparent: None,
+        payload: String::new(),
+        raw: Some(crate::domain::RawRecord {
+            key: source.key.clone(),
+            payload: source.payload.clone().unwrap_or_default(),
+            headers,
+        }),
+    })
 }
 
 /// Namespace of event ids derived from a record's position when it carries none.
@@ -99,16 +169,20 @@ pub fn event_meta(record: &Record, decoded: &Decoded) -> EventMeta {
 
 /// Decodes a record (validation included).
 pub fn prepare(record: &Record) -> Prepared {
-    match decode(&record.topic, record.payload.as_deref().unwrap_or_default()) {
-        Ok(decoded) => Prepared::Event {
+    let item = match decode(&record.topic, record.payload.as_deref().unwrap_or_default()) {
+        Ok(decoded) => Item::Event {
             meta: event_meta(record, &decoded),
             event: decoded.event,
             topic: record.topic.clone(),
         },
-        Err(e) => Prepared::Poison {
+        Err(e) => Item::Poison {
             reason: "decode_error",
             error: e.to_string(),
         },
+    };
+    Prepared {
+        item,
+        source: Some(Box::new(record.clone())),
     }
 }
 
@@ -190,20 +264,12 @@ pub fn plan(
         let Some(record) = prepared.get(index) else {
             continue;
         };
-        let (event, meta, topic) = match record {
-            Prepared::Poison { reason, error } => {
-                planned.push(Planned {
-                    index,
-                    verdict: Verdict::DeadLetter {
-                        reason,
-                        error: error.clone(),
-                    },
-                    batch: None,
-                    denied: None,
-                });
+        let (event, meta, topic) = match &record.item {
+            Item::Poison { reason, error } => {
+                dead_letter(&mut unit, &mut planned, record, index, reason, error.clone(), env.now);
                 continue;
             }
-            Prepared::Event { event, meta, topic } => (event, meta, topic),
+            Item::Event { event, meta, topic } => (event, meta, topic),
         };
         if processed.contains(&meta.event_id) {
             planned.push(Planned {
@@ -219,20 +285,18 @@ pub fn plan(
             // duplicate when that one applies, a dead letter of its own when
             // that one is dead-lettered.
             let first = planned.iter().find(|p| p.index == first).cloned();
-            let (verdict, batch) = match first {
+            match first {
                 Some(Planned {
                     verdict: Verdict::DeadLetter { reason, error },
                     ..
-                }) => (Verdict::DeadLetter { reason, error }, None),
-                Some(p) => (Verdict::Duplicate, p.batch),
-                None => (Verdict::Duplicate, None),
-            };
-            planned.push(Planned {
-                index,
-                verdict,
-                batch,
-                denied: None,
-            });
+                }) => dead_letter(&mut unit, &mut planned, record, index, reason, error, env.now),
+                other => planned.push(Planned {
+                    index,
+                    verdict: Verdict::Duplicate,
+                    batch: other.and_then(|p| p.batch),
+                    denied: None,
+                }),
+            }
             continue;
         }
         first_of.insert(meta.event_id, index);
@@ -249,12 +313,9 @@ pub fn plan(
                     correlation_id: meta.correlation_id,
                 };
             }
-            Decision::DeadLetter { reason, error } => planned.push(Planned {
-                index,
-                verdict: Verdict::DeadLetter { reason, error },
-                batch: None,
-                denied: None,
-            }),
+            Decision::DeadLetter { reason, error } => {
+                dead_letter(&mut unit, &mut planned, record, index, reason, error, env.now);
+            }
             Decision::Ignore(why) => {
                 unit.inbox.push(InboxRecord {
                     event_id: meta.event_id,
@@ -335,6 +396,31 @@ pub fn plan(
         planned,
         notes,
     }
+}
+
+/// A dead-letter verdict, with its letter in the unit of work.
+fn dead_letter(
+    unit: &mut UnitOfWork,
+    planned: &mut Vec<Planned>,
+    record: &Prepared,
+    index: usize,
+    reason: &'static str,
+    error: String,
+    now: crate::contracts::Timestamp,
+) {
+    if let Some(l) = record
+        .source
+        .as_deref()
+        .and_then(|source| letter(source, reason, &error, now))
+    {
+        unit.outbox.push(l);
+    }
+    planned.push(Planned {
+        index,
+        verdict: Verdict::DeadLetter { reason, error },
+        batch: None,
+        denied: None,
+    });
 }
 
 fn denial_reason(message: &OutboundMessage) -> Option<String> {

@@ -56,6 +56,7 @@ fn essays(n: usize) -> Vec<EssayRef> {
 fn record(topic: &str, batch: &str, event_id: Uuid, data: impl serde::Serialize) -> Record {
     Record {
         topic: topic.to_owned(),
+        source_topic: topic.to_owned(),
         partition: 0,
         offset: 0,
         key: Some(batch.as_bytes().to_vec()),

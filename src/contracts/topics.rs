@@ -43,5 +43,29 @@ pub const PUBLISHED: [&str; 9] = [
 /// Suffix of the dead-letter topic of a consumed topic.
 pub const DLQ_SUFFIX: &str = ".dlq";
 
+/// The dead-letter topic of each consumed topic.
+pub const DEAD_LETTER: [(&str, &str); 6] = [
+    (
+        CONTENT_PROVISIONING_COMPLETED,
+        "huleedu.batch.content.provisioning.completed.v1.dlq",
+    ),
+    (
+        STUDENT_ASSOCIATIONS_CONFIRMED,
+        "huleedu.class.student.associations.confirmed.v1.dlq",
+    ),
+    (BATCH_ESSAYS_READY, "huleedu.els.batch.essays.ready.v1.dlq"),
+    (CLIENT_PIPELINE_REQUEST, "huleedu.commands.batch.pipeline.v1.dlq"),
+    (PHASE_OUTCOME, "huleedu.els.batch.phase.outcome.v1.dlq"),
+    (VALIDATION_ERRORS, "huleedu.els.batch.validation.errors.v1.dlq"),
+];
+
+/// The dead-letter topic of `topic` (unprefixed), if bos consumes it.
+pub fn dead_letter_topic(topic: &str) -> Option<&'static str> {
+    DEAD_LETTER
+        .iter()
+        .find(|(source, _)| *source == topic)
+        .map(|(_, dlq)| *dlq)
+}
+
 /// The name `source_service` carries on everything the worker publishes.
 pub const SOURCE_SERVICE: &str = "batch_orchestrator_service";

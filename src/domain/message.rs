@@ -22,6 +22,16 @@ pub struct OutboundMessage {
     pub traceparent: Option<String>,
     /// The whole envelope, as JSON text.
     pub payload: String,
+    /// A record to publish exactly as it came (a dead letter) instead of `payload`.
+    pub raw: Option<RawRecord>,
+}
+
+/// Bytes, key and headers of a record kept as they were (a dead letter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRecord {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 impl OutboundMessage {
@@ -70,6 +80,7 @@ impl MessageContext<'_> {
             // Wire types are plain data (string keys, finite numbers): encoding cannot fail.
             payload: serde_json::to_string(&envelope)
                 .unwrap_or_else(|e| unreachable!("wire types always encode: {e}")),
+            raw: None,
         }
     }
 }

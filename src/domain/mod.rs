@@ -7,7 +7,7 @@ pub mod policy;
 pub mod rules;
 
 pub use batch::*;
-pub use message::{MessageContext, OutboundMessage};
+pub use message::{MessageContext, OutboundMessage, RawRecord};
 pub use policy::{
     credit_breakdown, CreditAnswers, CreditQuery, CreditVerdict, GraphError, PhaseGraph, PhaseNode,
 };

@@ -123,7 +123,7 @@ impl Repository for MemoryRepository {
             return Err(CommitError::Processed(raced));
         }
         let mut ids: HashSet<Uuid> = HashSet::new();
-        for m in unit.outbox.iter().filter(|m| keeps(&m.key)) {
+        for m in unit.outbox.iter().filter(|m| m.raw.is_none() && keeps(&m.key)) {
             if !ids.insert(m.event_id) || inner.outbox.iter().any(|r| r.id == m.event_id) {
                 return Err(CommitError::Store(super::StoreError::Constraint(format!(
                     "outbox row {} exists already",
@@ -156,7 +156,16 @@ impl Repository for MemoryRepository {
         for r in unit.inbox.into_iter().filter(|r| keeps(&r.batch_id)) {
             inner.inbox.entry(r.event_id).or_insert(now);
         }
-        for m in unit.outbox.into_iter().filter(|m| keeps(&m.key)) {
+        for m in unit.outbox.into_iter().filter(|m| {
+            if m.raw.is_some() {
+                true
+            } else {
+                keeps(&m.key)
+            }
+        }) {
+            if m.raw.is_some() && inner.outbox.iter().any(|r| r.id == m.event_id) {
+                continue; // the same letter again
+            }
             inner.next_seq += 1;
             let seq = inner.next_seq;
             inner.outbox.push(OutboxRow {
@@ -167,6 +176,7 @@ impl Repository for MemoryRepository {
                 event_type: m.topic.to_owned(),
                 correlation_id: m.correlation_id,
                 payload: m.payload,
+                raw: m.raw,
                 traceparent: m.traceparent,
                 created_at: m.occurred_at,
                 published_at: None,

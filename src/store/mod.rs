@@ -133,6 +133,8 @@ pub struct BatchWrite {
 
 /// One transaction's worth of changes. Inbox and outbox rows belong to a batch
 /// (by id): they are written only when that batch's write (if any) wins.
+/// Dead letters (outbox rows with `raw`) belong to no batch and are written
+/// once per id: the same letter again changes nothing.
 #[derive(Debug, Clone, Default)]
 pub struct UnitOfWork {
     pub writes: Vec<BatchWrite>,
@@ -214,6 +216,8 @@ pub struct OutboxRow {
     pub correlation_id: Uuid,
     /// The exact bytes to publish (the envelope as JSON text).
     pub payload: String,
+    /// A record published as it came (a dead letter), instead of `payload`.
+    pub raw: Option<crate::domain::RawRecord>,
     pub traceparent: Option<String>,
     pub created_at: Timestamp,
     pub published_at: Option<Timestamp>,

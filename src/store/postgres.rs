@@ -414,8 +414,52 @@ impl PgRepository {
             .await
             .map_err(StoreError::from)?;
         }
-        // 6. The outbox, in decision order.
-        let outbox: Vec<_> = unit.outbox.iter().filter(|m| keeps(&m.key)).collect();
+        // 6. The outbox, in decision order; dead letters once per id.
+        let letters: Vec<_> = unit.outbox.iter().filter(|m| m.raw.is_some()).collect();
+        if !letters.is_empty() {
+            let ids: Vec<Uuid> = letters.iter().map(|m| m.event_id).collect();
+            let topics: Vec<&str> = letters.iter().map(|m| m.topic).collect();
+            let keys: Vec<&str> = letters.iter().map(|m| m.key.as_str()).collect();
+            let created: Vec<Timestamp> = letters.iter().map(|m| m.occurred_at).collect();
+            let raw_keys: Vec<Option<&[u8]>> = letters
+                .iter()
+                .map(|m| m.raw.as_ref().and_then(|r| r.key.as_deref()))
+                .collect();
+            let raw_payloads: Vec<&[u8]> = letters
+                .iter()
+                .map(|m| m.raw.as_ref().map_or(&[][..], |r| r.payload.as_slice()))
+                .collect();
+            let headers: Vec<String> = letters
+                .iter()
+                .map(|m| {
+                    serde_json::to_string(&m.raw.as_ref().map(|r| &r.headers)).unwrap_or_default()
+                })
+                .collect();
+            sqlx::query(
+                "INSERT INTO event_outbox (id, topic, message_key, event_type, correlation_id, payload, \
+                   created_at, raw_key, raw_payload, headers) \
+                 SELECT t.id, t.topic, t.key, t.topic, t.id, '', t.created, t.raw_key, t.raw_payload, t.headers::jsonb \
+                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::bytea[], $6::bytea[], $7::text[]) \
+                   WITH ORDINALITY AS t(id, topic, key, created, raw_key, raw_payload, headers, n) \
+                 ORDER BY t.n \
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&ids)
+            .bind(&topics)
+            .bind(&keys)
+            .bind(&created)
+            .bind(&raw_keys)
+            .bind(&raw_payloads)
+            .bind(&headers)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
+        let outbox: Vec<_> = unit
+            .outbox
+            .iter()
+            .filter(|m| m.raw.is_none() && keeps(&m.key))
+            .collect();
         if !outbox.is_empty() {
             let ids: Vec<Uuid> = outbox.iter().map(|m| m.event_id).collect();
             let topics: Vec<&str> = outbox.iter().map(|m| m.topic).collect();
@@ -513,7 +557,20 @@ fn target_of(url: &str) -> String {
 }
 
 fn outbox_from_row(row: &PgRow) -> StoreResult<OutboxRow> {
+    let raw_payload: Option<Vec<u8>> = row.try_get("raw_payload")?;
+    let raw = match raw_payload {
+        None => None,
+        Some(payload) => {
+            let headers: Option<Json<Vec<(String, Vec<u8>)>>> = row.try_get("headers")?;
+            Some(crate::domain::RawRecord {
+                key: row.try_get("raw_key")?,
+                payload,
+                headers: headers.map(|Json(h)| h).unwrap_or_default(),
+            })
+        }
+    };
     Ok(OutboxRow {
+        raw,
         id: row.try_get("id")?,
         seq: row.try_get("seq")?,
         topic: row.try_get("topic")?,

@@ -231,9 +231,9 @@ async fn create_all_but(cluster: &Cluster, kafka: &bos::config::KafkaSettings, m
     }
 }
 
-/// A dead-letter topic that does not exist (auto-creation off) is reported,
-/// holds only its partition, does not keep bos from stopping, and once it
-/// exists the letter lands and the partition flows.
+/// A dead-letter topic that does not exist (auto-creation off) is reported and
+/// holds nothing up: the letter waits in the outbox, later records apply, bos
+/// stops when told to, and once the topic exists the letter lands.
 #[tokio::test]
 async fn a_missing_dead_letter_topic_is_reported_and_does_not_wedge() {
     let cluster = Cluster::start().await;
@@ -244,10 +244,12 @@ async fn a_missing_dead_letter_topic_is_reported_and_does_not_wedge() {
     let database = crate::support::pg::Database::fresh().await;
     let mut kafka = kafka_settings(&cluster);
     kafka.librdkafka.insert("allow.auto.create.topics".into(), "false".into());
-    let dlq = kafka.topic(&format!("{}{}", topics::PHASE_OUTCOME, topics::DLQ_SUFFIX));
+    let dlq_name = format!("{}{}", topics::PHASE_OUTCOME, topics::DLQ_SUFFIX);
+    let dlq = kafka.topic(&dlq_name);
     create_all_but(&cluster, &kafka, std::slice::from_ref(&dlq)).await;
     let mut s = settings(&kafka, Some(&database.url));
     s.consumer.drain_timeout = Duration::from_secs(10);
+    s.relay.lease = Duration::from_secs(2);
     let app = TestApp::spawn(s.clone()).await;
     eventually(Duration::from_secs(15), "readyz names the missing topic", || async {
         let (status, body) = app.get("/readyz").await;
@@ -255,26 +257,11 @@ async fn a_missing_dead_letter_topic_is_reported_and_does_not_wedge() {
     })
     .await;
     let up = Upstream::new(&kafka);
-    let poison = ready_batch(1);
-    up.send_raw(topics::PHASE_OUTCOME, &poison.id, b"{poison", &[]).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(app.counter("dead_letters", &["decode_error"]), 0, "the letter cannot be sent yet");
-    assert_eq!(app.get("/readyz").await.0, 503);
-    // SIGTERM while the letter cannot be sent: bos still stops, in time.
-    let stopped = tokio::time::timeout(Duration::from_secs(15), app.stop()).await;
-    assert!(matches!(stopped, Ok(Ok(()))), "{stopped:?}");
-    // The topic appears; a new worker sends the letter and the partition flows.
-    cluster.mock().unwrap().cluster().create_topic(&dlq, 1, 1).unwrap();
-    let repo: Arc<dyn Repository> = {
-        let pg = bos::store::PgRepository::from_pool(database.pool.clone());
-        Arc::new(pg)
-    };
-    let app = TestApp::spawn(s).await;
-    let dlq_observer = Observer::start(&kafka, std::slice::from_ref(&dlq));
-    let letters = dlq_observer.wait_for(&format!("{}{}", topics::PHASE_OUTCOME, topics::DLQ_SUFFIX), 1).await;
-    assert_eq!(letters[0].raw, b"{poison");
+    let repo = app.repo.clone();
     let later = ready_batch(1);
     repo.commit(UnitOfWork::create(later.clone(), Vec::new())).await.unwrap();
+    up.send_raw(topics::PHASE_OUTCOME, &later.id, b"{poison", &[]).await;
+    // The partition flows: a later event on it is applied.
     let outcome = upstream::phase_outcome(&later.id, PhaseName::Spellcheck, &[], &[], Uuid::new_v4());
     let event = Uuid::new_v4();
     up.send_raw(topics::PHASE_OUTCOME, &later.id, &envelope(topics::PHASE_OUTCOME, event, outcome), &[]).await;
@@ -283,6 +270,21 @@ async fn a_missing_dead_letter_topic_is_reported_and_does_not_wedge() {
         async move { repo.processed(&[event]).await.unwrap().contains(&event) }
     })
     .await;
+    assert_eq!(app.counter("dead_letters", &["decode_error"]), 1, "settled as a letter");
+    let pending = repo.outbox_rows(Some(&later.id)).await.unwrap();
+    assert!(pending.iter().any(|r| r.raw.is_some() && r.published_at.is_none()), "the letter waits in the outbox");
+    assert_eq!(app.get("/readyz").await.0, 503);
+    // SIGTERM while the letter cannot be sent: bos still stops, in time.
+    let stopped = tokio::time::timeout(Duration::from_secs(15), app.stop()).await;
+    assert!(matches!(stopped, Ok(Ok(()))), "{stopped:?}");
+    // The topic appears; a new worker's relay sends the letter, once.
+    cluster.mock().unwrap().cluster().create_topic(&dlq, 1, 1).unwrap();
+    let app = TestApp::spawn(s).await;
+    let dlq_observer = Observer::start(&kafka, std::slice::from_ref(&dlq));
+    let letters = dlq_observer.wait_for(&dlq_name, 1).await;
+    assert_eq!(letters[0].raw, b"{poison");
+    assert_eq!(letters[0].header("dlq.reason"), Some("decode_error"));
+    assert_eq!(letters[0].key.as_deref(), Some(later.id.as_str()), "the original key");
     eventually(Duration::from_secs(15), "readyz 200 once the topic exists", || async {
         app.get("/readyz").await.0 == 200
     })

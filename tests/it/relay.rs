@@ -45,6 +45,7 @@ async fn fill(
                     occurred_at: chrono::Utc::now(),
                     traceparent: None,
                     payload: payload(b, n).to_string(),
+                    raw: None,
                 })
                 .collect();
             repo.commit(UnitOfWork {
