@@ -256,7 +256,7 @@ impl Sim {
             .filter(|id| !fail.contains(&id.as_str()))
             .map(|id| self.batch.essay(id).unwrap().command_ref())
             .collect();
-        let failed: Vec<String> = fail.iter().map(|s| s.to_string()).collect();
+        let failed: Vec<String> = fail.iter().map(std::string::ToString::to_string).collect();
         let id = self.batch.id.clone();
         self.send(InboundEvent::PhaseOutcome(upstream::phase_outcome(
             &id,
@@ -1156,7 +1156,7 @@ fn run_script(regular: bool, n: usize, script: Vec<Op>) -> Result<(), TestCaseEr
                     continue;
                 }
                 let (event, meta) = sent[pick as usize % sent.len()].clone();
-                received += matches!(event, InboundEvent::PipelineRequest(_)) as u32;
+                received += u32::from(matches!(event, InboundEvent::PipelineRequest(_)));
                 let before = sim.batch.clone();
                 let d = sim.send_with(event.clone(), meta.clone());
                 check(
@@ -1180,7 +1180,7 @@ fn run_script(regular: bool, n: usize, script: Vec<Op>) -> Result<(), TestCaseEr
             correlation_id: sim.ids.next_id(),
             traceparent: None,
         };
-        received += matches!(event, InboundEvent::PipelineRequest(_)) as u32;
+        received += u32::from(matches!(event, InboundEvent::PipelineRequest(_)));
         let before = sim.batch.clone();
         let d = sim.send_with(event.clone(), meta.clone());
         check(
@@ -1207,7 +1207,7 @@ fn check_accounting(
     answered: u32,
     replaced: u32,
 ) -> Result<(), TestCaseError> {
-    let open = batch.parked.is_some() as u32 + batch.orchestration.current_run.is_some() as u32;
+    let open = u32::from(batch.parked.is_some()) + u32::from(batch.orchestration.current_run.is_some());
     prop_assert_eq!(
         received,
         answered + replaced + open,

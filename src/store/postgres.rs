@@ -556,12 +556,15 @@ fn target_of(url: &str) -> String {
     }
 }
 
+/// A letter's headers as stored.
+type Headers = Vec<(String, Vec<u8>)>;
+
 fn outbox_from_row(row: &PgRow) -> StoreResult<OutboxRow> {
     let raw_payload: Option<Vec<u8>> = row.try_get("raw_payload")?;
     let raw = match raw_payload {
         None => None,
         Some(payload) => {
-            let headers: Option<Json<Vec<(String, Vec<u8>)>>> = row.try_get("headers")?;
+            let headers: Option<Json<Headers>> = row.try_get("headers")?;
             Some(crate::domain::RawRecord {
                 key: row.try_get("raw_key")?,
                 payload,

@@ -514,8 +514,7 @@ fn http_bodies_never_make_the_server_fail() {
                         .body(bytes.clone())
                         .send()
                         .await
-                        .map(|r| r.status().as_u16())
-                        .unwrap_or(0)
+                        .map_or(0, |r| r.status().as_u16())
                 });
                 prop_assert!((200..500).contains(&status), "{method} {path} answered {status} to {:?}", String::from_utf8_lossy(&bytes));
                 Ok(())

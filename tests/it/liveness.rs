@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bos::app::Role;
-use bos::contracts::{topics, BatchStatus, PhaseName};
+use bos::contracts::{topics, PhaseName};
 use bos::sim::upstream;
 use bos::store::{Repository, UnitOfWork};
 use uuid::Uuid;
@@ -464,8 +464,7 @@ async fn a_broker_outage_is_logged_once_per_interval_and_not_ready() {
     let status = |http: String, expected: u16| async move {
         reqwest::get(format!("{http}/readyz"))
             .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
+            .map_or(0, |r| r.status().as_u16())
             == expected
     };
     eventually(Duration::from_secs(20), "readyz 503 while the broker is down", || status(bos.http.clone(), 503)).await;

@@ -6,8 +6,11 @@
 mod support;
 
 mod contracts;
+mod deployment;
+mod faults;
 mod http;
 mod relay;
 mod repository;
 mod liveness;
+mod ops;
 mod worker;

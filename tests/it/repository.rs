@@ -216,7 +216,7 @@ mod scenarios {
     pub async fn an_unknown_batch_is_reported_not_written(repo: Repo) {
         let (batch, _) = support::new_batch(1);
         assert_eq!(repo.get_batch(&batch.id).await.unwrap(), None);
-        assert!(repo.get_batches(&[batch.id.clone()]).await.unwrap().is_empty());
+        assert!(repo.get_batches(std::slice::from_ref(&batch.id)).await.unwrap().is_empty());
         let event = Uuid::new_v4();
         let done = repo
             .commit(unit(&batch, 1, event, BatchStatus::Cancelled))
@@ -392,12 +392,10 @@ mod scenarios {
     pub async fn purges_are_bounded(repo: Repo) {
         let (batch, _) = created(&repo, 1).await;
         let events: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
-        let mut version = 1;
-        for &e in &events {
+        for (version, &e) in (1..).zip(&events) {
             repo.commit(unit(&batch, version, e, BatchStatus::ReadyForPipelineExecution))
                 .await
                 .unwrap();
-            version += 1;
         }
         let relay = Uuid::new_v4();
         let rows = repo.claim_outbox(relay, 100, Duration::from_secs(30)).await.unwrap();

@@ -152,7 +152,10 @@ pub struct BosProcess {
     pub child: Child,
     pub http: String,
     pub name: String,
+    pub command: String,
+    pub env: HashMap<String, String>,
     log: Arc<Mutex<Vec<String>>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The environment that points a `bos` process at a test's Kafka and database.
@@ -198,10 +201,11 @@ impl BosProcess {
             .spawn()
             .expect("the bos binary starts");
         let log = Arc::new(Mutex::new(Vec::new()));
+        let mut reader = None;
         if let Some(stderr) = child.stderr.take() {
             let sink = log.clone();
             let prefix = name.to_owned();
-            tokio::spawn(async move {
+            reader = Some(tokio::spawn(async move {
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if std::env::var_os("BOS_TEST_ECHO").is_some() {
@@ -209,14 +213,27 @@ impl BosProcess {
                     }
                     sink.lock().unwrap().push(line);
                 }
-            });
+            }));
         }
         Self {
             child,
             http: format!("http://127.0.0.1:{port}"),
             name: name.to_owned(),
+            command: command.to_owned(),
+            env: env.clone(),
             log,
+            reader,
         }
+    }
+
+    /// A new process with the same command and environment (after a kill).
+    pub fn restart(&self) -> Self {
+        Self::start(&self.name, &self.command, &self.env)
+    }
+
+    /// Whether the process has exited (and how).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     pub fn log(&self) -> Vec<String> {
@@ -239,12 +256,18 @@ impl BosProcess {
         }
     }
 
-    /// Waits for the process to exit (at most `limit`).
+    /// Waits for the process to exit (at most `limit`), and for its last log lines.
     pub async fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        tokio::time::timeout(limit, self.child.wait())
+        let status = tokio::time::timeout(limit, self.child.wait())
             .await
             .ok()
-            .and_then(Result::ok)
+            .and_then(Result::ok);
+        if status.is_some() {
+            if let Some(reader) = self.reader.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+            }
+        }
+        status
     }
 
     /// Waits until `/readyz` answers 200.

@@ -34,13 +34,15 @@ pub struct FlowOptions {
     pub partitions: i32,
     pub tune: Box<dyn FnOnce(&mut Settings) + Send>,
     /// Wraps the PostgreSQL repository (a fault-injecting decorator).
-    pub wrap: Option<Box<dyn FnOnce(Arc<dyn Repository>) -> Arc<dyn Repository> + Send>>,
+    pub wrap: Option<Wrap>,
     pub credits: Option<Arc<dyn bos::credits::CreditPolicy>>,
     pub create_topics: bool,
     /// Runs after the database and topics exist, before the worker starts
     /// (to put records in Kafka that its first poll then reads together).
     pub before_start: Option<BeforeStart>,
 }
+
+pub type Wrap = Box<dyn FnOnce(Arc<dyn Repository>) -> Arc<dyn Repository> + Send>;
 
 pub type BeforeStart = Box<
     dyn FnOnce(Arc<dyn Repository>, KafkaSettings) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>

@@ -183,15 +183,23 @@ impl Upstream {
                 value: Some(*v),
             });
         }
-        let mut record = FutureRecord::to(&topic).key(key).payload(payload).headers(hs);
-        if let Some(p) = partition {
-            record = record.partition(p);
+        // Like the platform's producers, retry until the broker takes it (a
+        // fault test takes the broker away for a while).
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let mut record = FutureRecord::to(&topic).key(key).payload(payload).headers(hs.clone());
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
+            match self.producer.send(record, Duration::from_secs(10)).await {
+                Ok(_) => break,
+                Err((e, _)) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err((e, _)) => panic!("producing to {topic}: {e}"),
+            }
         }
-        self.producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
     }
 
     /// Sends `data` in a fresh envelope; returns its event id.
@@ -243,7 +251,7 @@ impl Observer {
                     .map(|md| {
                         md.topics()
                             .iter()
-                            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                            .flat_map(|t| t.partitions().iter().map(rdkafka::metadata::MetadataPartition::id))
                             .collect()
                     })
                     .unwrap_or_default();

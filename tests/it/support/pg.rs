@@ -81,9 +81,7 @@ pub async fn server_url() -> String {
 
 /// The cargo target directory (where throwaway clusters live).
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"), PathBuf::from)
 }
 
 /// A database of its own for one test, dropped with the guard.
@@ -203,8 +201,7 @@ fn is_root() -> bool {
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(54_329)
+        .map_or(54_329, |a| a.port())
 }
 
 impl PgCluster {
