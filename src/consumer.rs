@@ -339,11 +339,6 @@ async fn partition_task(
             .metrics
             .handler_seconds
             .observe(started.elapsed().as_secs_f64());
-        shared
-            .metrics
-            .stage_seconds
-            .with_label_values(&["committed"])
-            .observe(started.elapsed().as_secs_f64());
         shared.outbox_written.notify_one();
         settle(&shared, &records, &outcomes);
         let (left, oldest) = queue.oldest();

@@ -15,6 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::{ClientConfig, TopicPartitionList};
 use tokio::sync::mpsc;
 
@@ -104,6 +105,23 @@ pub struct ConsumerEvents {
     pub assignments: mpsc::UnboundedSender<Assignment>,
     pub metrics: Arc<Metrics>,
     errors: Throttled,
+    logs: Throttled,
+}
+
+/// librdkafka's own log lines: warnings and worse at most once per interval
+/// (a broker that is down is reported by every broker thread, every few ms),
+/// the rest at debug level.
+fn client_log(throttle: &Throttled, client: &str, level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error
+        | RDKafkaLogLevel::Warning => {
+            throttle.warn(&format!("librdkafka {client} {fac}: {message}"));
+        }
+        _ => tracing::debug!(target: "librdkafka", client, fac, "{message}"),
+    }
 }
 
 impl ConsumerEvents {
@@ -112,11 +130,16 @@ impl ConsumerEvents {
             assignments,
             metrics,
             errors: Throttled::new(Duration::from_secs(10)),
+            logs: Throttled::new(Duration::from_secs(10)),
         }
     }
 }
 
 impl ClientContext for ConsumerEvents {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        client_log(&self.logs, "consumer", level, fac, log_message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         self.metrics
             .kafka_client_errors
@@ -167,9 +190,14 @@ impl ConsumerContext for ConsumerEvents {
 pub struct ProducerEvents {
     metrics: Arc<Metrics>,
     errors: Throttled,
+    logs: Throttled,
 }
 
 impl ClientContext for ProducerEvents {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        client_log(&self.logs, "producer", level, fac, log_message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         self.metrics
             .kafka_client_errors
@@ -224,6 +252,7 @@ impl ProducerHandle {
         config.create_with_context(ProducerEvents {
             metrics: metrics.clone(),
             errors: Throttled::new(Duration::from_secs(10)),
+            logs: Throttled::new(Duration::from_secs(10)),
         })
     }
 

@@ -31,6 +31,10 @@ enum Command {
     /// Run the whole system in-process (embedded Kafka, in-memory store unless
     /// asked otherwise) against simulated upstream services, then print a summary.
     Demo(DemoArgs),
+    /// Measure throughput, hop latency, memory, the relay and the idle cost
+    /// against PostgreSQL (a scratch database) and the embedded Kafka, next to
+    /// the least SQL that writes the same rows; prints one JSON line.
+    Bench(BenchArgs),
     /// One batch: state, runs, phases, essays and outbox rows.
     Batch {
         #[command(subcommand)]
@@ -135,6 +139,38 @@ struct DemoArgs {
     database_url: Option<String>,
 }
 
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// A PostgreSQL server (default: DATABASE_URL); a scratch database is created and dropped.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Events of the throughput test.
+    #[arg(long, default_value_t = 20_000)]
+    events: usize,
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Rates (events/s) of the latency tests.
+    #[arg(long, value_delimiter = ',', default_value = "1000,100")]
+    rates: Vec<u64>,
+    /// Length of each latency test.
+    #[arg(long, default_value_t = 10)]
+    latency_seconds: u64,
+    /// Events per connection count of the ceiling.
+    #[arg(long, default_value_t = 20_000)]
+    ceiling_events: usize,
+    /// Events per transaction of the ceiling.
+    #[arg(long, default_value_t = 100)]
+    per_commit: usize,
+    #[arg(long, default_value_t = 20_000)]
+    relay_rows: usize,
+    /// Length of the idle measurement.
+    #[arg(long, default_value_t = 60)]
+    idle_seconds: u64,
+    /// A directory for the plots (latency-cdf.svg, throughput.svg).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
 fn essay_range(raw: &str) -> Result<(usize, usize), String> {
     let (lo, hi) = raw.split_once('-').unwrap_or((raw, raw));
     let parse = |s: &str| {
@@ -197,6 +233,31 @@ async fn demo(args: DemoArgs, settings: Option<&Settings>) -> anyhow::Result<boo
     Ok(summary.problems.is_empty())
 }
 
+async fn bench(args: BenchArgs, settings: Option<&Settings>) -> anyhow::Result<bool> {
+    let database_url = args
+        .database_url
+        .or_else(|| settings.map(|s| s.database.url.expose().to_owned()))
+        .filter(|u| !u.is_empty())
+        .context("the bench needs PostgreSQL: --database-url or DATABASE_URL")?;
+    let options = bos::sim::bench::BenchOptions {
+        database_url,
+        executable: std::env::current_exe().context("locating the bos executable")?,
+        events: args.events,
+        partitions: args.partitions,
+        rates: args.rates,
+        latency_seconds: args.latency_seconds,
+        ceiling_events: args.ceiling_events,
+        per_commit: args.per_commit,
+        relay_rows: args.relay_rows,
+        idle_seconds: args.idle_seconds,
+        out: args.out,
+    };
+    let report = bos::sim::bench::run(options).await?;
+    eprint!("{}", report.table());
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(true)
+}
+
 /// Errors only (unless RUST_LOG says otherwise), on stderr: the tools print their own report.
 fn quiet_logs() {
     let filter =
@@ -218,10 +279,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         let settings = Settings::load(cli.config.as_deref(), std::env::vars()).ok();
         return demo(args, settings.as_ref()).await;
     }
+    if let Command::Bench(args) = cli.command {
+        quiet_logs();
+        let settings = Settings::load(cli.config.as_deref(), std::env::vars()).ok();
+        return bench(args, settings.as_ref()).await;
+    }
     let loaded = Settings::load_with_sources(cli.config.as_deref(), std::env::vars())?;
     let settings = loaded.settings;
     match cli.command {
-        Command::Demo(_) => Ok(true),
+        Command::Demo(_) | Command::Bench(_) => Ok(true),
         Command::Config => {
             let shown = serde_json::json!({"settings": settings.masked(), "sources": loaded.sources});
             println!("{}", serde_json::to_string_pretty(&shown)?);

@@ -11,6 +11,24 @@ use prometheus::{
 use crate::contracts::topics;
 use crate::store::UnitOfWork;
 
+/// The stages of a hop, in order (`bos_stage_seconds`).
+pub const STAGES: [&str; 8] = [
+    "fetch",
+    "decided",
+    "committed",
+    "relay_woke",
+    "claimed",
+    "produced",
+    "acknowledged",
+    "marked",
+];
+
+/// Finer at the low end: a hop's stages take milliseconds.
+const STAGE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 const LATENCY: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
@@ -129,6 +147,9 @@ impl Metrics {
         for result in ["allowed", "denied", "unavailable"] {
             metrics.credit_checks.with_label_values(&[result]);
         }
+        for stage in STAGES {
+            metrics.stage_seconds.with_label_values(&[stage]);
+        }
         metrics.outbox_queue_depth.with_label_values(&[SERVICE]);
         metrics
     }
@@ -208,10 +229,11 @@ impl Metrics {
             ),
             stage_seconds: b.histograms(
                 "bos_stage_seconds",
-                "Time spent in each stage of a hop: fetch (produced→received), decided, committed, \
-                 relay_woke, claimed, produced, acknowledged, marked",
+                "Time spent in each stage of a hop: fetch (produced → received), decided (batches and \
+                 inbox read, rules applied), committed (the transaction), relay_woke (outbox row \
+                 written → relay pass started), claimed, produced (enqueued), acknowledged, marked",
                 &["stage"],
-                LATENCY,
+                STAGE_BUCKETS,
             ),
             producer_replacements: b.counter(
                 "bos_producer_replacements_total",
@@ -403,6 +425,13 @@ impl Metrics {
     }
 
     /// Records `observations` of the batches whose writes won.
+    /// One observation of a hop's stage (see `bos_stage_seconds`).
+    pub fn stage(&self, stage: &str, took: std::time::Duration) {
+        self.stage_seconds
+            .with_label_values(&[stage])
+            .observe(took.as_secs_f64());
+    }
+
     pub fn record(&self, observations: Vec<Observation>, lost: &std::collections::BTreeSet<String>) {
         for o in observations.into_iter().filter(|o| !lost.contains(&o.batch)) {
             match o.kind {

@@ -169,16 +169,10 @@ impl Relay {
         chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX)
     }
 
-    fn stage(&self, stage: &str, took: Duration) {
-        self.metrics
-            .stage_seconds
-            .with_label_values(&[stage])
-            .observe(took.as_secs_f64());
-    }
-
     /// One claim → produce → settle pass.
     pub async fn publish_once(&self) -> StoreResult<Pass> {
         let started = Instant::now();
+        let pass_started = chrono::Utc::now();
         let rows = self
             .repo
             .claim_outbox(self.id, self.settings.batch_size, self.settings.lease)
@@ -186,7 +180,11 @@ impl Relay {
         if rows.is_empty() {
             return Ok(Pass::default());
         }
-        self.stage("claimed", started.elapsed());
+        self.metrics.stage("claimed", started.elapsed());
+        for row in &rows {
+            let waited = (pass_started - row.created_at).to_std().unwrap_or_default();
+            self.metrics.stage("relay_woke", waited);
+        }
         self.health.relay_pass_started();
         let result = self.publish_rows(&rows).await;
         self.health.relay_pass_ended();
@@ -255,6 +253,8 @@ impl Relay {
                 }
             }
         }
+        self.metrics.stage("produced", sent.elapsed());
+        let enqueued = Instant::now();
         let deliveries = join_all(pending.into_iter().map(|p| async move {
             match p {
                 Ok(delivery) => match delivery.await {
@@ -266,7 +266,7 @@ impl Relay {
             }
         }))
         .await;
-        self.stage("acknowledged", sent.elapsed());
+        self.metrics.stage("acknowledged", enqueued.elapsed());
         let acked_at = chrono::Utc::now();
         if deliveries.iter().any(Result::is_err) {
             self.producer.replace_if_fatal(&producer);
@@ -280,7 +280,7 @@ impl Relay {
                 Ok(()) => {
                     published.push(row.id);
                     let age = (acked_at - row.created_at).num_microseconds().unwrap_or(0);
-                    self.stage("committed_to_acknowledged", Duration::from_micros(u64::try_from(age.max(0)).unwrap_or(0)));
+                    self.metrics.stage("committed_to_acknowledged", Duration::from_micros(u64::try_from(age.max(0)).unwrap_or(0)));
                     self.metrics
                         .outbox_events_published
                         .with_label_values(&[SERVICE, &row.event_type])
@@ -311,7 +311,7 @@ impl Relay {
         let _ = done_tx.send(true);
         let _ = renewer.await;
         let settled = settled?;
-        self.stage("marked", marking.elapsed());
+        self.metrics.stage("marked", marking.elapsed());
         let expected = (published.len() + failed.len() + released.len()) as u64;
         if settled < expected {
             self.metrics.relay_lease_lost.inc_by(expected - settled);
@@ -336,7 +336,6 @@ impl Relay {
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let mut errors = 0u32;
-        let mut woke = Instant::now();
         while !*shutdown.borrow() {
             // A pass in flight when shutdown comes gets a few seconds to finish
             // (deliveries to a missing topic never would); an abandoned pass's
@@ -356,8 +355,6 @@ impl Relay {
                 Ok(pass) => {
                     errors = 0;
                     if pass.claimed > 0 {
-                        self.stage("relay_woke", Duration::ZERO.max(woke.elapsed()));
-                        woke = Instant::now();
                         continue;
                     }
                 }
@@ -379,7 +376,6 @@ impl Relay {
                 () = wake.wait() => {}
                 () = tokio::time::sleep(wait) => {}
             }
-            woke = Instant::now();
         }
         self.producer.flush(Duration::from_secs(5));
         Ok(())

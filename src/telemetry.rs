@@ -48,10 +48,17 @@ pub fn init(log: &crate::config::LogSettings, otlp_endpoint: &str) -> anyhow::Re
     let provider = builder.build();
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("bos"));
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    // Logs go to stderr (stdout is for what a command prints), coloured only on a terminal.
     let fmt = if json {
-        tracing_subscriber::fmt::layer().json().boxed()
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed()
     } else {
-        tracing_subscriber::fmt::layer().boxed()
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .boxed()
     };
     tracing_subscriber::registry()
         .with(filter)

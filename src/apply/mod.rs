@@ -206,6 +206,7 @@ impl Applier {
         pending: &[usize],
         answers: &mut CreditAnswers,
     ) -> Result<(crate::store::Committed, Vec<Planned>), RoundError> {
+        let started = std::time::Instant::now();
         let mut ids: Vec<String> = pending
             .iter()
             .filter_map(|&i| prepared[i].batch_id().map(str::to_owned))
@@ -259,7 +260,11 @@ impl Applier {
                         tracing::info!(event = ?prepared[i].event_id(), "{note}");
                     }
                     let observations = Metrics::observations(&unit);
-                    return match self.repo.commit(unit).await {
+                    self.metrics.stage("decided", started.elapsed());
+                    let committing = std::time::Instant::now();
+                    let result = self.repo.commit(unit).await;
+                    self.metrics.stage("committed", committing.elapsed());
+                    return match result {
                         Ok(committed) => {
                             let lost = committed
                                 .conflicts

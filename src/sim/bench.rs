@@ -1,107 +1,172 @@
-//! `bos bench`: throughput and latency of the apply path, the relay alone, the
-//! idle cost, and the same SQL transaction shape driven directly (the ceiling),
-//! all in one run against PostgreSQL (`DATABASE_URL`) and Kafka (embedded mock
-//! cluster, or `KAFKA_BOOTSTRAP_SERVERS`). A fresh database is created for the
-//! run and dropped afterwards.
+//! `bos bench`: what bos does per second and per hop, measured on real
+//! processes, next to the least SQL that produces the same rows.
+//!
+//! One run, against a scratch database on the given PostgreSQL server and an
+//! in-process Kafka (librdkafka's mock cluster):
+//!
+//! 1. **Preload** batches waiting for their spellcheck outcome in an `nlp` run.
+//! 2. **Throughput**: a `bos run` child process consumes one outcome per batch
+//!    as fast as it can; the clock stops when the last `nlp` command has been
+//!    delivered by its relay and read back from Kafka.
+//! 3. **Latency** at fixed rates: each outcome's hop (produced → its command
+//!    read back from Kafka), with the stage breakdown from the worker's own
+//!    `bos_stage_seconds`.
+//! 4. **Idle**: transactions the idle worker runs per minute.
+//! 5. **Relay alone**: a `bos relay` child publishes a prefilled outbox.
+//! 6. **Ceiling**: the same rows as step 2 (inbox, version-checked batch
+//!    rewrite, corrected essay ids, outbox command, phase log) written
+//!    set-based, `per_commit` events per transaction, on 1, 2 and 4
+//!    connections; the best is the ceiling.
+//!
+//! The worker's resident memory is sampled from `/proc` throughout.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use futures::future::join_all;
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::json;
-use sqlx::{Connection, Executor, PgPool, Row};
-use tokio::sync::{watch, Notify};
+use rdkafka::Message;
+use serde::Serialize;
+use sqlx::{Connection, Executor as _, PgConnection};
+use tokio::process::Child;
 use uuid::Uuid;
 
-use crate::config::{ConsumerSettings, KafkaSettings, RelaySettings};
-use crate::consumer::{self, Handler, Worker};
-use crate::contracts::{topics, CourseCode, EssayRef, InboundEvent, PhaseName};
-use crate::domain::{Env, EventMeta, RandomIds, RegistrationRequest, Rules};
-use crate::embedded::EmbeddedKafka;
-use crate::metrics::Metrics;
-use crate::outbox::{idempotent_producer, PgWake, Relay};
-use crate::store::{Change, PgRepository, PostgresSettings, Repository};
-use crate::upstream;
+use crate::config::{KafkaSettings, Settings};
+use crate::contracts::{
+    topics, ContentType, CourseCode, EssayRef, InboundEvent, PhaseName, StorageRef,
+    StorageReferenceMetadata,
+};
+use crate::domain::{
+    Batch, CreditAnswers, Decision, Effects, Env, EventMeta, RandomIds, RegistrationRequest,
+    Rules,
+};
+use crate::metrics::STAGES;
+use crate::sim::embedded::EmbeddedKafka;
+use crate::sim::upstream;
+use crate::store::postgres::BatchColumns;
+use crate::store::{BatchWrite, PgRepository, Repository, UnitOfWork};
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    /// A PostgreSQL server URL; a scratch database is created next to its database.
     pub database_url: String,
-    pub kafka_bootstrap: Option<String>,
-    /// Events of the throughput test.
+    /// The `bos` executable run as the worker and relay processes.
+    pub executable: PathBuf,
+    /// Events of the throughput test (one per batch).
     pub events: usize,
+    /// Partitions of every topic.
     pub partitions: i32,
-    /// Records applied per transaction at most.
-    pub max_batch: usize,
-    pub pool_size: u32,
-    /// Events per second of the latency test, and its length.
-    pub rate: u64,
-    pub duration: Duration,
+    /// Events per second of the latency tests.
+    pub rates: Vec<u64>,
+    pub latency_seconds: u64,
+    /// Events per connection count of the ceiling.
+    pub ceiling_events: usize,
+    /// Events per transaction of the ceiling.
+    pub per_commit: usize,
     pub relay_rows: usize,
-    pub idle: Duration,
+    pub idle_seconds: u64,
+    /// Where the plots (SVG) go, if anywhere.
+    pub out: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub postgres: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageFigures {
+    pub observations: u64,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyFigures {
+    pub rate_per_s: u64,
+    pub events: usize,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Per stage, from the worker's `bos_stage_seconds` over this test.
+    pub stages: BTreeMap<String, StageFigures>,
+    #[serde(skip)]
+    pub samples_ms: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    pub machine: Machine,
     pub events: usize,
     pub partitions: i32,
-    pub max_batch: usize,
-    pub apply_events_per_s: f64,
+    pub events_per_s: f64,
     pub ceiling_events_per_s: f64,
-    pub ratio_of_ceiling: f64,
-    pub latency_rate_per_s: u64,
-    pub latency_events: usize,
-    pub latency_p50_ms: f64,
-    pub latency_p95_ms: f64,
-    pub latency_p99_ms: f64,
-    pub latency_max_ms: f64,
-    pub relay_rows: usize,
+    /// The ceiling by number of connections.
+    pub ceiling_by_connections: BTreeMap<String, f64>,
+    pub ceiling_ratio: f64,
+    pub ceiling_per_commit: usize,
+    /// Keyed by rate (events/s).
+    pub latency: BTreeMap<String, LatencyFigures>,
+    pub worker_rss_mb: f64,
     pub relay_rows_per_s: f64,
-    pub idle_transactions_per_s: f64,
-    pub peak_rss_mb: f64,
+    pub idle_queries_per_min: f64,
+    pub batch_row_bytes: usize,
+    pub command_bytes: usize,
 }
 
 impl BenchReport {
+    /// For people: the headline figures.
     pub fn table(&self) -> String {
-        let rows = [
-            (
-                "apply throughput, end to end (events/s)",
-                format!("{:.0}", self.apply_events_per_s),
-            ),
-            (
-                "ceiling: same SQL shape, direct (events/s)",
-                format!("{:.0}", self.ceiling_events_per_s),
-            ),
-            (
-                "apply / ceiling",
-                format!("{:.0} %", self.ratio_of_ceiling * 100.0),
-            ),
-            (
-                "latency at fixed rate (events/s × n)",
-                format!("{} × {}", self.latency_rate_per_s, self.latency_events),
-            ),
-            ("  p50 (ms)", format!("{:.1}", self.latency_p50_ms)),
-            ("  p95 (ms)", format!("{:.1}", self.latency_p95_ms)),
-            ("  p99 (ms)", format!("{:.1}", self.latency_p99_ms)),
-            ("  max (ms)", format!("{:.1}", self.latency_max_ms)),
-            (
-                "relay alone (rows/s)",
-                format!("{:.0}", self.relay_rows_per_s),
-            ),
-            (
-                "idle cost (transactions/s)",
-                format!("{:.2}", self.idle_transactions_per_s),
-            ),
-            (
-                "peak resident memory (MB)",
-                format!("{:.0}", self.peak_rss_mb),
-            ),
-        ];
-        rows.iter()
-            .map(|(k, v)| format!("  {k:<44} {v:>14}\n"))
-            .collect()
+        let mut out = format!(
+            "machine: {} ({} cores, {:.0} GiB), {}\n\
+             throughput      {:>8.0} events/s   ceiling {:.0} ({}), ratio {:.0} %\n",
+            self.machine.cpu,
+            self.machine.cores,
+            self.machine.memory_gib,
+            self.machine.postgres,
+            self.events_per_s,
+            self.ceiling_events_per_s,
+            self.ceiling_by_connections
+                .iter()
+                .map(|(k, v)| format!("{k} conn: {v:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.ceiling_ratio * 100.0,
+        );
+        for l in self.latency.values() {
+            out += &format!(
+                "latency @{:>5}/s  p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} events)\n",
+                l.rate_per_s, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms, l.events
+            );
+            for stage in STAGES {
+                if let Some(s) = l.stages.get(stage) {
+                    out += &format!(
+                        "    {stage:<13} mean {:>6.2} ms  p50 ≤{:>6.2} ms  p99 ≤{:>7.2} ms  ({} obs)\n",
+                        s.mean_ms, s.p50_ms, s.p99_ms, s.observations
+                    );
+                }
+            }
+        }
+        out += &format!(
+            "worker RSS      {:>8.1} MB\nrelay alone     {:>8.0} rows/s\nidle            {:>8.1} queries/min\n\
+             row sizes       batch {} B, command {} B\n",
+            self.worker_rss_mb,
+            self.relay_rows_per_s,
+            self.idle_queries_per_min,
+            self.batch_row_bytes,
+            self.command_bytes
+        );
+        out
     }
 }
 
@@ -109,479 +174,1177 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+    let rank = ((sorted.len() as f64) * p).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|kb| kb.parse::<f64>().ok())
-            })
+fn progress(step: &str) {
+    eprintln!("bench: {step}");
+}
+
+// ------------------------------------------------------------ scratch database
+
+struct ScratchDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let root = match base.rfind('/') {
+        Some(i) if i > base.find("//").map_or(0, |j| j + 1) => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{root}/{name}?{q}"),
+        None => format!("{root}/{name}"),
+    }
+}
+
+impl ScratchDatabase {
+    async fn create(server_url: &str) -> anyhow::Result<Self> {
+        let name = format!("bos_bench_{}", Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(server_url)
+            .await
+            .with_context(|| "connecting to PostgreSQL (--database-url / DATABASE_URL)")?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
+        admin.close().await?;
+        Ok(Self {
+            admin_url: server_url.to_owned(),
+            url: with_database(server_url, &name),
+            name,
         })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+    }
+
+    async fn drop(self) -> anyhow::Result<()> {
+        let mut admin = PgConnection::connect(&self.admin_url).await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .execute(&mut admin)
+            .await?;
+        Ok(())
+    }
 }
 
-/// A batch in the middle of a `cj_assessment` run: spellcheck dispatched.
-struct Loaded {
+// ------------------------------------------------------------ fixtures
+
+/// A batch waiting for its spellcheck outcome, the outcome, and what bos
+/// writes when it arrives (for the ceiling).
+struct Prepared {
     batch_id: String,
     outcome: Vec<u8>,
+    event_id: Uuid,
+    effects: Effects,
 }
 
-/// Creates `n` batches with spellcheck dispatched, and the outcome event each awaits.
-async fn preload(
-    repo: &Arc<dyn Repository>,
-    rules: &Rules,
-    n: usize,
-) -> anyhow::Result<Vec<Loaded>> {
-    let mut loaded = Vec::with_capacity(n);
-    let mut changes = Vec::new();
-    for _ in 0..n {
+fn bench_prompt(i: usize) -> StorageReferenceMetadata {
+    StorageReferenceMetadata {
+        references: [(
+            ContentType::StudentPromptText,
+            StorageRef {
+                storage_id: format!("prompt-{i}"),
+                path: String::new(),
+            },
+        )]
+        .into(),
+    }
+}
+
+fn applied(decision: Decision, step: &str) -> anyhow::Result<Effects> {
+    match decision {
+        Decision::Apply(effects) => Ok(effects),
+        other => bail!("{step}: {other:?}"),
+    }
+}
+
+/// `n` batches in an `nlp` run with spellcheck dispatched.
+fn prepare(rules: &Rules, n: usize, essays: usize) -> anyhow::Result<Vec<(Batch, Prepared)>> {
+    let answers = CreditAnswers::new();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
         let mut ids = RandomIds;
         let now = chrono::Utc::now();
+        let mut env = Env {
+            now,
+            ids: &mut ids,
+            credits: &answers,
+        };
         let request = RegistrationRequest {
-            expected_essay_count: 3,
+            expected_essay_count: i64::try_from(essays).unwrap_or(1),
             essay_ids: None,
             course_code: CourseCode::Eng5,
-            student_prompt_ref: None,
-            user_id: "bench".into(),
-            org_id: None,
+            student_prompt_ref: Some(bench_prompt(i)),
+            user_id: format!("teacher-{}", i % 50),
+            org_id: Some("bench-school".into()),
             class_id: None,
             cj_default_llm_model: None,
             cj_default_temperature: None,
             assignment_id: None,
         };
         let registered = rules
-            .register(&request, Uuid::new_v4(), &mut Env { now, ids: &mut ids })
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let mut batch = registered.batch.context("no batch")?;
-        let essays: Vec<EssayRef> = batch
+            .register(&request, Uuid::new_v4(), &mut env)
+            .map_err(|e| anyhow::anyhow!("registration refused: {e:?}"))?;
+        let mut batch = registered.batch;
+        let refs: Vec<EssayRef> = batch
             .context
             .essay_ids
             .iter()
-            .map(|id| EssayRef::new(id, format!("s-{id}")))
+            .map(|id| EssayRef::new(id, format!("text-{id}")))
             .collect();
-        for event in [
-            InboundEvent::ContentProvisioned(upstream::content_provisioned(
-                &batch.id,
-                CourseCode::Eng5,
-                "bench",
-                &essays,
-            )),
-            InboundEvent::PipelineRequest(upstream::pipeline_request(
-                &batch.id,
-                "cj_assessment",
-                "bench",
-            )),
+        for (step, event) in [
+            (
+                "content provisioned",
+                InboundEvent::ContentProvisioned(upstream::content_provisioned(
+                    &batch.id,
+                    CourseCode::Eng5,
+                    &request.user_id,
+                    &refs,
+                )),
+            ),
+            (
+                "pipeline request",
+                InboundEvent::PipelineRequest(upstream::pipeline_request(
+                    &batch.id,
+                    "nlp",
+                    &request.user_id,
+                )),
+            ),
         ] {
             let meta = EventMeta {
                 event_id: Uuid::new_v4(),
                 correlation_id: Uuid::new_v4(),
                 traceparent: None,
             };
-            batch = rules
-                .decide(Some(&batch), &event, &meta, &mut Env { now, ids: &mut ids })
-                .batch
-                .context("no batch")?;
+            batch = applied(rules.decide(Some(&batch), &event, &meta, &mut env), step)?.batch;
         }
-        let run = batch.orchestration.current_run.clone().context("no run")?;
+        batch.version = 1;
+        let run = batch
+            .orchestration
+            .current_run
+            .clone()
+            .context("the request started no run")?;
         let outcome = upstream::phase_outcome(
             &batch.id,
             PhaseName::Spellcheck,
-            &essays,
+            &refs,
             &[],
             run.correlation_id,
         );
+        let event_id = Uuid::new_v4();
+        let meta = EventMeta {
+            event_id,
+            correlation_id: run.correlation_id,
+            traceparent: None,
+        };
+        let effects = applied(
+            rules.decide(
+                Some(&batch),
+                &InboundEvent::PhaseOutcome(outcome.clone()),
+                &meta,
+                &mut env,
+            ),
+            "spellcheck outcome",
+        )?;
         let bytes = upstream::envelope_json(
             topics::PHASE_OUTCOME,
-            "bench",
-            Uuid::new_v4(),
+            "essay_lifecycle_service",
+            event_id,
             run.correlation_id,
             now,
             outcome,
         );
-        loaded.push(Loaded {
-            batch_id: batch.id.clone(),
-            outcome: bytes,
-        });
-        changes.push(Change::create(batch, Vec::new()));
-        if changes.len() == 500 {
-            repo.apply(std::mem::take(&mut changes)).await?;
-        }
-    }
-    if !changes.is_empty() {
-        repo.apply(changes).await?;
-    }
-    Ok(loaded)
-}
-
-async fn published_commands(pool: &PgPool) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM event_outbox WHERE topic = $1 AND published_at IS NOT NULL",
-    )
-    .bind(topics::CJ_ASSESSMENT_COMMAND)
-    .fetch_one(pool)
-    .await?)
-}
-
-async fn wait_for_published(pool: &PgPool, target: i64, limit: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    while published_commands(pool).await? < target {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "commands not all published within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
-async fn produce_all(
-    producer: &FutureProducer,
-    topic: &str,
-    loaded: &[Loaded],
-) -> anyhow::Result<()> {
-    for chunk in loaded.chunks(1000) {
-        let sends = chunk.iter().map(|l| {
-            producer.send(
-                FutureRecord::to(topic).key(&l.batch_id).payload(&l.outcome),
-                Duration::from_secs(30),
-            )
-        });
-        for result in join_all(sends).await {
-            result.map_err(|(e, _)| e)?;
-        }
-    }
-    Ok(())
-}
-
-/// The transaction shape of the apply path, driven directly: per event an inbox
-/// insert, a version read, a CAS update and an outbox insert; one commit per batch.
-async fn ceiling(
-    pool: &PgPool,
-    batch_ids: &[String],
-    batch: usize,
-    concurrency: usize,
-) -> anyhow::Result<f64> {
-    let essay =
-        json!({"essay_id": Uuid::new_v4(), "text_storage_id": "s", "spellcheck_metrics": null});
-    let payload = json!({"data": {"essays_to_process": [essay.clone(), essay.clone(), essay]}, "pad": "x".repeat(600)}).to_string();
-    let started = Instant::now();
-    let slices: Vec<&[String]> = batch_ids
-        .chunks(batch_ids.len().div_ceil(concurrency.max(1)))
-        .collect();
-    let tasks = slices.into_iter().map(|slice| {
-        let payload = payload.clone();
-        async move {
-            for chunk in slice.chunks(batch.max(1)) {
-                let mut tx = pool.begin().await?;
-                for id in chunk {
-                    sqlx::query("INSERT INTO processed_events (event_id, topic, batch_id) VALUES ($1, 'bench', $2)")
-                        .bind(Uuid::new_v4())
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
-                    let row = sqlx::query("SELECT version, pipeline_state, orchestration FROM batches WHERE id = $1")
-                        .bind(id)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    let version: i64 = row.try_get("version")?;
-                    let state: serde_json::Value = row.try_get("pipeline_state")?;
-                    let orchestration: serde_json::Value = row.try_get("orchestration")?;
-                    sqlx::query(
-                        "UPDATE batches SET pipeline_state = $3, orchestration = $4, updated_at = now(), \
-                         version = version + 1 WHERE id = $1 AND version = $2",
-                    )
-                    .bind(id)
-                    .bind(version)
-                    .bind(state)
-                    .bind(orchestration)
-                    .execute(&mut *tx)
-                    .await?;
-                    sqlx::query(
-                        "INSERT INTO event_outbox (id, topic, message_key, event_type, correlation_id, payload) \
-                         VALUES ($1, 'bench.ceiling', $2, 'bench', $1, $3::jsonb)",
-                    )
-                    .bind(Uuid::new_v4())
-                    .bind(id)
-                    .bind(&payload)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                tx.commit().await?;
-            }
-            Ok::<(), sqlx::Error>(())
-        }
-    });
-    for result in join_all(tasks).await {
-        result?;
-    }
-    Ok(batch_ids.len() as f64 / started.elapsed().as_secs_f64())
-}
-
-struct Running {
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
-    }
-}
-
-async fn start(
-    repo: &Arc<dyn Repository>,
-    pool: &PgPool,
-    kafka: &KafkaSettings,
-    options: &BenchOptions,
-    consume: bool,
-) -> anyhow::Result<Running> {
-    let (stop, rx) = watch::channel(false);
-    let metrics = Arc::new(Metrics::new());
-    let relay = Relay::new(
-        repo.clone(),
-        idempotent_producer(kafka)?,
-        kafka.clone(),
-        RelaySettings::default(),
-        metrics.clone(),
-    );
-    let mut tasks = vec![tokio::spawn(
-        relay.run(Box::new(PgWake::listen(pool).await?), rx.clone()),
-    )];
-    if consume {
-        let worker = Worker {
-            consumer: Arc::new(consumer::consumer(kafka)?),
-            dlq: idempotent_producer(kafka)?,
-            handler: Handler::new(repo.clone(), Rules::default(), 5, metrics.clone()),
-            kafka: kafka.clone(),
-            settings: ConsumerSettings {
-                max_batch: options.max_batch,
-                ..ConsumerSettings::default()
+        out.push((
+            batch.clone(),
+            Prepared {
+                batch_id: batch.id.clone(),
+                outcome: bytes,
+                event_id,
+                effects,
             },
-            outbox_written: Arc::new(Notify::new()),
-            metrics,
-        };
-        tasks.push(tokio::spawn(worker.run(rx)));
+        ));
     }
-    Ok(Running { stop, tasks })
+    Ok(out)
 }
 
-/// Transactions the bench database has seen, read from another database so the
-/// reading does not count itself.
-async fn transactions(admin: &mut sqlx::PgConnection, database: &str) -> anyhow::Result<i64> {
+/// Stores the batches (as bos would have written them) and keeps the rest.
+async fn preload(
+    repo: &PgRepository,
+    rules: &Rules,
+    n: usize,
+) -> anyhow::Result<Vec<Prepared>> {
+    let mut prepared = Vec::with_capacity(n);
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(1_000);
+        let made = prepare(rules, chunk, 3)?;
+        let writes = made
+            .iter()
+            .map(|(batch, _)| BatchWrite {
+                essays_changed: true,
+                batch: batch.clone(),
+                expected_version: None,
+                transitions: Vec::new(),
+                snapshots: Vec::new(),
+            })
+            .collect();
+        repo.commit(UnitOfWork {
+            writes,
+            ..UnitOfWork::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("preloading batches: {e}"))?;
+        prepared.extend(made.into_iter().map(|(_, p)| p));
+        left -= chunk;
+    }
+    Ok(prepared)
+}
+
+// ------------------------------------------------------------ processes
+
+struct Process {
+    child: Child,
+    port: u16,
+    rss_peak_kb: Arc<AtomicU64>,
+    sampler: tokio::task::JoinHandle<()>,
+    http: reqwest::Client,
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+impl Process {
+    fn start(
+        options: &BenchOptions,
+        role: &str,
+        env: &HashMap<String, String>,
+    ) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = tokio::process::Command::new(&options.executable)
+            .arg(role)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env)
+            .env("BOS_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} {role}", options.executable.display()))?;
+        let pid = child.id().context("the child has no pid")?;
+        let rss_peak_kb = Arc::new(AtomicU64::new(0));
+        let sampler = {
+            let peak = rss_peak_kb.clone();
+            tokio::spawn(async move {
+                while let Some(kb) = rss_kb(pid) {
+                    peak.fetch_max(kb, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        Ok(Self {
+            child,
+            port,
+            rss_peak_kb,
+            sampler,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(self
+            .http
+            .get(format!("http://127.0.0.1:{}/metrics", self.port))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// Waits until `/metrics` shows `series` at least `at_least`.
+    async fn wait_for(&mut self, series: &str, at_least: f64, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the bos process exited early: {status}");
+            }
+            if let Ok(text) = self.metrics().await {
+                if Scrape::parse(&text).value(series).unwrap_or(0.0) >= at_least {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("`{series}` did not reach {at_least} within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn rss_peak_mb(&self) -> f64 {
+        self.rss_peak_kb.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+
+    async fn stop(mut self) -> anyhow::Result<f64> {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+        self.sampler.abort();
+        match status {
+            Ok(Ok(s)) if s.success() => Ok(self.rss_peak_mb()),
+            Ok(Ok(s)) => bail!("the bos process ended with {s}"),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                bail!("the bos process did not stop within 30 s of SIGTERM")
+            }
+        }
+    }
+}
+
+/// A Prometheus text exposition, by series (name with its labels as written).
+struct Scrape(HashMap<String, f64>);
+
+impl Scrape {
+    fn parse(text: &str) -> Self {
+        Self(
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| {
+                    let (series, value) = l.rsplit_once(' ')?;
+                    Some((series.to_owned(), value.parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    fn value(&self, series: &str) -> Option<f64> {
+        self.0.get(series).copied()
+    }
+
+    /// One stage's figures between two scrapes.
+    fn stage(before: &Self, after: &Self, stage: &str) -> StageFigures {
+        let delta = |series: String| {
+            after.value(&series).unwrap_or(0.0) - before.value(&series).unwrap_or(0.0)
+        };
+        let count = delta(format!("bos_stage_seconds_count{{stage=\"{stage}\"}}"));
+        let sum = delta(format!("bos_stage_seconds_sum{{stage=\"{stage}\"}}"));
+        let prefix = "bos_stage_seconds_bucket{";
+        let mut buckets: Vec<(f64, f64)> = after
+            .0
+            .keys()
+            .filter(|k| k.starts_with(prefix) && k.contains(&format!("stage=\"{stage}\"")))
+            .filter_map(|k| {
+                let le = k.split("le=\"").nth(1)?.split('"').next()?;
+                let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                Some((bound, delta(k.clone())))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let quantile = |q: f64| {
+            let wanted = count * q;
+            buckets
+                .iter()
+                .find(|(_, n)| *n >= wanted)
+                .map_or(f64::NAN, |(bound, _)| bound * 1000.0)
+        };
+        StageFigures {
+            observations: count as u64,
+            mean_ms: if count > 0.0 { sum / count * 1000.0 } else { 0.0 },
+            p50_ms: quantile(0.5),
+            p99_ms: quantile(0.99),
+        }
+    }
+}
+
+// ------------------------------------------------------------ Kafka
+
+/// Reads the `nlp` command topic from the start: when each batch's command arrived.
+struct Commands {
+    arrived: Arc<Mutex<HashMap<String, Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Commands {
+    fn observe(kafka: &KafkaSettings) -> anyhow::Result<Self> {
+        let topic = kafka.topic(topics::NLP_COMMAND);
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &kafka.bootstrap_servers)
+            .set("group.id", format!("bos-bench-{}", Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "1")
+            .set("fetch.error.backoff.ms", "1")
+            .set("log_level", "3")
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                assignment.add_partition_offset(&topic, p.id(), rdkafka::Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&assignment)?;
+        let arrived: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let task = {
+            let arrived = arrived.clone();
+            tokio::spawn(async move {
+                let mut stream = consumer.stream();
+                while let Some(Ok(m)) = stream.next().await {
+                    let now = Instant::now();
+                    if let Some(key) = m.key() {
+                        arrived
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .entry(String::from_utf8_lossy(key).into_owned())
+                            .or_insert(now);
+                    }
+                }
+            })
+        };
+        Ok(Self { arrived, task })
+    }
+
+    fn count(&self) -> usize {
+        self.arrived
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    fn at(&self, key: &str) -> Option<Instant> {
+        self.arrived
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .copied()
+    }
+
+    async fn wait_for(&self, n: usize, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        while self.count() < n {
+            if Instant::now() > deadline {
+                bail!("{} of {n} commands arrived within {within:?}", self.count());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+}
+
+fn producer(kafka: &KafkaSettings) -> anyhow::Result<FutureProducer> {
+    Ok(rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap_servers)
+        .set("linger.ms", "0")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("log_level", "3")
+        .create()?)
+}
+
+fn enqueue(producer: &FutureProducer, topic: &str, p: &Prepared) -> anyhow::Result<()> {
+    producer
+        .send_result(FutureRecord::to(topic).key(&p.batch_id).payload(&p.outcome))
+        .map(drop)
+        .map_err(|(e, _)| anyhow::anyhow!("producing an outcome: {e}"))
+}
+
+// ------------------------------------------------------------ ceiling
+
+/// The rows of `events`, as arrays for one statement each.
+struct CeilingChunk {
+    inbox_ids: Vec<Uuid>,
+    inbox_topics: Vec<&'static str>,
+    inbox_batches: Vec<String>,
+    batches: BatchColumns,
+    essay_batches: Vec<String>,
+    essay_ids: Vec<String>,
+    essay_corrected: Vec<Option<String>>,
+    out_ids: Vec<Uuid>,
+    out_topics: Vec<&'static str>,
+    out_keys: Vec<String>,
+    out_corr: Vec<Uuid>,
+    out_payloads: Vec<String>,
+    log_batches: Vec<String>,
+    log_phases: Vec<&'static str>,
+    log_old: Vec<&'static str>,
+    log_new: Vec<&'static str>,
+    log_corr: Vec<Uuid>,
+    log_done: Vec<Option<crate::contracts::Timestamp>>,
+}
+
+impl CeilingChunk {
+    fn of(events: &[Prepared]) -> anyhow::Result<Self> {
+        let mut c = Self {
+            inbox_ids: Vec::new(),
+            inbox_topics: Vec::new(),
+            inbox_batches: Vec::new(),
+            batches: BatchColumns::default(),
+            essay_batches: Vec::new(),
+            essay_ids: Vec::new(),
+            essay_corrected: Vec::new(),
+            out_ids: Vec::new(),
+            out_topics: Vec::new(),
+            out_keys: Vec::new(),
+            out_corr: Vec::new(),
+            out_payloads: Vec::new(),
+            log_batches: Vec::new(),
+            log_phases: Vec::new(),
+            log_old: Vec::new(),
+            log_new: Vec::new(),
+            log_corr: Vec::new(),
+            log_done: Vec::new(),
+        };
+        for p in events {
+            let e = &p.effects;
+            c.inbox_ids.push(p.event_id);
+            c.inbox_topics.push(topics::PHASE_OUTCOME);
+            c.inbox_batches.push(p.batch_id.clone());
+            c.batches
+                .push(&BatchWrite {
+                    batch: e.batch.clone(),
+                    expected_version: Some(1),
+                    essays_changed: e.essays_changed,
+                    transitions: Vec::new(),
+                    snapshots: Vec::new(),
+                })
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            for essay in &e.batch.essays {
+                c.essay_batches.push(p.batch_id.clone());
+                c.essay_ids.push(essay.essay_id.clone());
+                c.essay_corrected
+                    .push(essay.corrected_text_storage_id.clone());
+            }
+            for m in &e.messages {
+                c.out_ids.push(m.event_id);
+                c.out_topics.push(m.topic);
+                c.out_keys.push(m.key.clone());
+                c.out_corr.push(m.correlation_id);
+                c.out_payloads.push(m.payload.clone());
+            }
+            for t in &e.transitions {
+                c.log_batches.push(p.batch_id.clone());
+                c.log_phases.push(t.phase.as_str());
+                c.log_old.push(t.from.as_str());
+                c.log_new.push(t.to.as_str());
+                c.log_corr.push(t.correlation_id);
+                c.log_done.push(t.completed_at);
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// The ceiling's statements, one per table, per transaction.
+pub const CEILING_STATEMENTS: [&str; 5] = [
+    "INSERT INTO processed_events (event_id, topic, batch_id) \
+     SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[])",
+    "UPDATE batches b SET correlation_id = u.correlation_id, class_id = u.class_id, \
+       status = u.status, context = u.context::jsonb, pipeline_state = u.pipeline::jsonb, \
+       orchestration = u.orchestration::jsonb, total_essays = u.total, \
+       failed_essay_ids = u.failed::jsonb, parked_request = u.parked::jsonb, \
+       error_details = u.errors::jsonb, updated_at = u.updated, \
+       completed_at = u.completed, version = b.version + 1 \
+     FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], \
+                 $7::text[], $8::text[], $9::int[], $10::text[], $11::text[], $12::text[], \
+                 $13::timestamptz[], $14::timestamptz[]) \
+       AS u(id, expected, correlation_id, class_id, status, context, pipeline, \
+            orchestration, total, failed, parked, errors, updated, completed) \
+     WHERE b.id = u.id AND b.version = u.expected",
+    "UPDATE batch_essays e SET corrected_text_storage_id = u.corrected \
+     FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(batch_id, essay_id, corrected) \
+     WHERE e.batch_id = u.batch_id AND e.essay_id = u.essay_id",
+    "INSERT INTO event_outbox (id, topic, message_key, event_type, correlation_id, payload, created_at) \
+     SELECT t.id, t.topic, t.key, t.topic, t.corr, t.payload, clock_timestamp() \
+     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[]) AS t(id, topic, key, corr, payload)",
+    "INSERT INTO phase_status_log (batch_id, phase, old_status, new_status, correlation_id, completed_at) \
+     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::timestamptz[])",
+];
+
+async fn ceiling_chunk(conn: &mut PgConnection, c: &CeilingChunk) -> anyhow::Result<()> {
+    let mut tx = conn.begin().await?;
+    sqlx::query(CEILING_STATEMENTS[0])
+        .bind(&c.inbox_ids)
+        .bind(&c.inbox_topics)
+        .bind(&c.inbox_batches)
+        .execute(&mut *tx)
+        .await?;
+    let b = &c.batches;
+    let updated = sqlx::query(CEILING_STATEMENTS[1])
+        .bind(&b.ids)
+        .bind(&b.expected)
+        .bind(&b.correlations)
+        .bind(&b.class_ids)
+        .bind(&b.statuses)
+        .bind(&b.contexts)
+        .bind(&b.pipelines)
+        .bind(&b.orchestrations)
+        .bind(&b.totals)
+        .bind(&b.failed)
+        .bind(&b.parked)
+        .bind(&b.errors)
+        .bind(&b.updated)
+        .bind(&b.completed)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    anyhow::ensure!(
+        updated == b.ids.len() as u64,
+        "the ceiling's version check failed"
+    );
+    sqlx::query(CEILING_STATEMENTS[2])
+        .bind(&c.essay_batches)
+        .bind(&c.essay_ids)
+        .bind(&c.essay_corrected)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(CEILING_STATEMENTS[3])
+        .bind(&c.out_ids)
+        .bind(&c.out_topics)
+        .bind(&c.out_keys)
+        .bind(&c.out_corr)
+        .bind(&c.out_payloads)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(CEILING_STATEMENTS[4])
+        .bind(&c.log_batches)
+        .bind(&c.log_phases)
+        .bind(&c.log_old)
+        .bind(&c.log_new)
+        .bind(&c.log_corr)
+        .bind(&c.log_done)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Events per second writing `events` on `connections` connections at once.
+async fn ceiling(
+    url: &str,
+    events: Vec<Prepared>,
+    connections: usize,
+    per_commit: usize,
+) -> anyhow::Result<f64> {
+    let total = events.len();
+    let share = total.div_ceil(connections);
+    let mut work = Vec::new();
+    let mut events = events.into_iter().peekable();
+    while events.peek().is_some() {
+        let slice: Vec<Prepared> = events.by_ref().take(share).collect();
+        let chunks = slice
+            .chunks(per_commit)
+            .map(CeilingChunk::of)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut conn = PgConnection::connect(url).await?;
+        // Warm the statement cache outside the clock.
+        for s in CEILING_STATEMENTS {
+            conn.prepare(s).await?;
+        }
+        work.push((conn, chunks));
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = work
+        .into_iter()
+        .map(|(mut conn, chunks)| {
+            tokio::spawn(async move {
+                for c in &chunks {
+                    ceiling_chunk(&mut conn, c).await?;
+                }
+                conn.close().await?;
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+// ------------------------------------------------------------ the run
+
+async fn unpublished(conn: &mut PgConnection) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM event_outbox WHERE published_at IS NULL")
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+async fn drained(conn: &mut PgConnection, within: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    while unpublished(conn).await? > 0 {
+        if started.elapsed() > within {
+            bail!("the outbox did not drain within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(started.elapsed())
+}
+
+async fn transactions(conn: &mut PgConnection, database: &str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(
         "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = $1",
     )
     .bind(database)
-    .fetch_one(admin)
+    .fetch_one(conn)
     .await?)
 }
 
-pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
-    // A database of its own for the run.
-    let name = format!("bos_bench_{}", Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&options.database_url)
+async fn machine(conn: &mut PgConnection) -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU".to_owned(), |(_, v)| v.trim().to_owned());
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let postgres = sqlx::query_scalar::<_, String>("SELECT version()")
+        .fetch_one(conn)
         .await
-        .context("connecting to DATABASE_URL")?;
-    admin
-        .execute(format!("CREATE DATABASE \"{name}\"").as_str())
-        .await?;
-    let url = format!(
-        "{}/{name}",
-        options
-            .database_url
-            .rsplit_once('/')
-            .context("DATABASE_URL has no database")?
-            .0
-    );
-    let result = run_in(&options, &url, &mut admin, &name).await;
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
-        .await?;
+        .map(|v| v.split(" on ").next().unwrap_or(&v).to_owned())
+        .unwrap_or_else(|_| "PostgreSQL".to_owned());
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        memory_gib,
+        postgres,
+    }
+}
+
+pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
+    let scratch = ScratchDatabase::create(&options.database_url).await?;
+    let result = run_on(&options, &scratch).await;
+    if let Err(e) = scratch.drop().await {
+        eprintln!("bench: could not drop the scratch database: {e}");
+    }
     result
 }
 
-async fn run_in(
-    options: &BenchOptions,
-    url: &str,
-    admin: &mut sqlx::PgConnection,
-    database: &str,
-) -> anyhow::Result<BenchReport> {
-    let mut settings = PostgresSettings::new(url);
-    settings.max_connections = options.pool_size;
-    let pg = PgRepository::connect(&settings).await?;
-    pg.migrate().await?;
-    let pool = pg.pool().clone();
-    let repo: Arc<dyn Repository> = Arc::new(pg);
+async fn run_on(options: &BenchOptions, scratch: &ScratchDatabase) -> anyhow::Result<BenchReport> {
+    let mut settings = Settings::defaults();
+    settings.database.url = crate::config::Secret::new(scratch.url.clone());
+    let repo = PgRepository::connect(&settings.database).await?;
+    repo.migrate().await?;
+    let mut probe = PgConnection::connect(&scratch.url).await?;
+    let machine = machine(&mut probe).await;
+
+    let embedded = EmbeddedKafka::start().context("starting the in-process Kafka")?;
+    let mut kafka = KafkaSettings::new(embedded.bootstrap_servers());
+    kafka.topic_prefix = "bench.".to_owned();
+    kafka.group_id = format!("bos-bench-{}", Uuid::new_v4().simple());
+    embedded.create_topics(&kafka.topic_prefix, options.partitions)?;
+
     let rules = Rules::default();
-
-    let embedded = match &options.kafka_bootstrap {
-        Some(_) => None,
-        None => Some(EmbeddedKafka::start()?),
-    };
-    let mut kafka = KafkaSettings::new(match (&embedded, &options.kafka_bootstrap) {
-        (Some(e), _) => e.bootstrap_servers(),
-        (None, Some(b)) => b.clone(),
-        (None, None) => unreachable!("one of the two is set"),
-    });
-    kafka.topic_prefix = format!("bench{}.", &Uuid::new_v4().simple().to_string()[..6]);
-    kafka.group_id = format!("bench-{}", Uuid::new_v4().simple());
-    kafka.librdkafka = vec![
-        ("fetch.wait.max.ms".into(), "5".into()),
-        ("log_level".into(), "3".into()),
-    ];
-    if let Some(e) = &embedded {
-        e.create_topics(&kafka.topic_prefix, options.partitions)?;
-    }
-    let outcome_topic = kafka.topic(topics::PHASE_OUTCOME);
-    let producer: FutureProducer = kafka.client_config().set("linger.ms", "2").create()?;
-
-    let worker = start(&repo, &pool, &kafka, options, true).await?;
-    // Let the consumer join its group before any clock starts.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
-    // 4. Idle cost: the worker running with nothing to do, before anything was written.
-    eprintln!("idle cost over {:?} …", options.idle);
-    // Idle backends report their counters up to 10 s late (the migrations' among them).
-    tokio::time::sleep(Duration::from_secs(11)).await;
-    let before = transactions(admin, database).await?;
-    tokio::time::sleep(options.idle).await;
-    let after = transactions(admin, database).await?;
-    let idle_tps = (after - before).max(0) as f64 / options.idle.as_secs_f64();
-
-    eprintln!(
-        "preloading {} + {} batches …",
-        options.events,
-        options.rate * options.duration.as_secs()
-    );
-    let throughput_set = preload(&repo, &rules, options.events).await?;
-    let latency_set = preload(
-        &repo,
-        &rules,
-        (options.rate * options.duration.as_secs()) as usize,
-    )
-    .await?;
-
-    // 1. Apply throughput.
-    eprintln!("apply throughput: {} events …", options.events);
-    let started = Instant::now();
-    produce_all(&producer, &outcome_topic, &throughput_set).await?;
-    wait_for_published(&pool, options.events as i64, Duration::from_secs(600)).await?;
-    let apply_eps = options.events as f64 / started.elapsed().as_secs_f64();
-
-    // 2. Latency at a fixed rate.
-    eprintln!(
-        "latency: {} events/s for {:?} …",
-        options.rate, options.duration
-    );
-    let mut sent_at: HashMap<String, chrono::DateTime<chrono::Utc>> =
-        HashMap::with_capacity(latency_set.len());
-    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / options.rate.max(1)));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut pending = Vec::new();
-    for l in &latency_set {
-        ticker.tick().await;
-        sent_at.insert(l.batch_id.clone(), chrono::Utc::now());
-        pending.push(
-            producer.send(
-                FutureRecord::to(&outcome_topic)
-                    .key(&l.batch_id)
-                    .payload(&l.outcome),
-                Duration::from_secs(30),
-            ),
-        );
-        if pending.len() >= 100 {
-            for r in join_all(std::mem::take(&mut pending)).await {
-                r.map_err(|(e, _)| e)?;
-            }
-        }
-    }
-    for r in join_all(pending).await {
-        r.map_err(|(e, _)| e)?;
-    }
-    wait_for_published(
-        &pool,
-        (options.events + latency_set.len()) as i64,
-        Duration::from_secs(600),
-    )
-    .await?;
-    let keys: Vec<String> = latency_set.iter().map(|l| l.batch_id.clone()).collect();
-    let rows = sqlx::query("SELECT message_key, published_at FROM event_outbox WHERE topic = $1 AND message_key = ANY($2)")
-        .bind(topics::CJ_ASSESSMENT_COMMAND)
-        .bind(&keys)
-        .fetch_all(&pool)
-        .await?;
-    let mut latencies: Vec<f64> = rows
+    let latency_events: Vec<usize> = options
+        .rates
         .iter()
-        .filter_map(|r| {
-            let key: String = r.try_get("message_key").ok()?;
-            let published: chrono::DateTime<chrono::Utc> = r.try_get("published_at").ok()?;
-            Some((published - *sent_at.get(&key)?).num_microseconds()? as f64 / 1000.0)
-        })
+        .map(|r| usize::try_from(r * options.latency_seconds).unwrap_or(usize::MAX))
         .collect();
-    latencies.sort_by(f64::total_cmp);
+    let worker_batches = options.events + latency_events.iter().sum::<usize>();
+    progress(&format!(
+        "preloading {} batches (+{} for the ceiling)",
+        worker_batches,
+        options.ceiling_events * 3
+    ));
+    let mut worker_events = preload(&repo, &rules, worker_batches).await?;
+    let batch_row_bytes: i64 = sqlx::query_scalar(
+        "SELECT avg(pg_column_size(b.*))::bigint FROM (SELECT * FROM batches LIMIT 1000) b",
+    )
+    .fetch_one(&mut probe)
+    .await?;
+    let command_bytes = worker_events
+        .first()
+        .and_then(|p| p.effects.messages.first())
+        .map_or(0, |m| m.payload.len());
 
-    worker.stop().await;
+    // -------- throughput
+    let env: HashMap<String, String> = [
+        ("DATABASE_URL", scratch.url.clone()),
+        ("KAFKA_BOOTSTRAP_SERVERS", kafka.bootstrap_servers.clone()),
+        ("BOS_KAFKA_TOPIC_PREFIX", kafka.topic_prefix.clone()),
+        ("BOS_KAFKA_GROUP_ID", kafka.group_id.clone()),
+        ("BOS_LIBRDKAFKA_LOG_LEVEL", "3".to_owned()),
+        ("RUST_LOG", "warn".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut worker = Process::start(options, "run", &env)?;
+    worker
+        .wait_for(
+            "bos_rebalances_total{kind=\"assign\"}",
+            1.0,
+            Duration::from_secs(60),
+        )
+        .await
+        .context("waiting for the worker's partitions")?;
+    let commands = Commands::observe(&kafka)?;
+    let producer = producer(&kafka)?;
+    let outcome_topic = kafka.topic(topics::PHASE_OUTCOME);
+    let throughput_events: Vec<Prepared> = worker_events.drain(..options.events).collect();
+    progress(&format!("throughput: {} events", options.events));
+    let started = Instant::now();
+    for p in &throughput_events {
+        enqueue(&producer, &outcome_topic, p)?;
+    }
+    commands
+        .wait_for(options.events, Duration::from_secs(600))
+        .await?;
+    let events_per_s = options.events as f64 / started.elapsed().as_secs_f64();
+    drained(&mut probe, Duration::from_secs(60)).await?;
 
-    // 3. Relay alone.
-    eprintln!("relay alone: {} rows …", options.relay_rows);
+    // -------- latency
+    let mut latency = BTreeMap::new();
+    for (&rate, &n) in options.rates.iter().zip(&latency_events) {
+        progress(&format!("latency: {n} events at {rate}/s"));
+        let events: Vec<Prepared> = worker_events.drain(..n).collect();
+        let before = Scrape::parse(&worker.metrics().await?);
+        let start = tokio::time::Instant::now();
+        let mut produced = Vec::with_capacity(n);
+        for (i, p) in events.iter().enumerate() {
+            let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+            tokio::time::sleep_until(due).await;
+            produced.push(Instant::now());
+            enqueue(&producer, &outcome_topic, p)?;
+        }
+        let total_so_far = options.events
+            + latency
+                .values()
+                .map(|l: &LatencyFigures| l.events)
+                .sum::<usize>()
+            + n;
+        commands
+            .wait_for(total_so_far, Duration::from_secs(120))
+            .await?;
+        drained(&mut probe, Duration::from_secs(60)).await?;
+        let after = Scrape::parse(&worker.metrics().await?);
+        let mut samples: Vec<f64> = events
+            .iter()
+            .zip(&produced)
+            .filter_map(|(p, sent)| {
+                commands
+                    .at(&p.batch_id)
+                    .map(|at| at.saturating_duration_since(*sent).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        samples.sort_by(f64::total_cmp);
+        let stages = STAGES
+            .iter()
+            .map(|s| ((*s).to_owned(), Scrape::stage(&before, &after, s)))
+            .collect();
+        latency.insert(
+            rate.to_string(),
+            LatencyFigures {
+                rate_per_s: rate,
+                events: n,
+                p50_ms: percentile(&samples, 0.50),
+                p95_ms: percentile(&samples, 0.95),
+                p99_ms: percentile(&samples, 0.99),
+                max_ms: samples.last().copied().unwrap_or(0.0),
+                stages,
+                samples_ms: samples,
+            },
+        );
+    }
+
+    // -------- idle
+    progress(&format!("idle: {} s", options.idle_seconds));
+    // Statistics reach pg_stat_database within about ten seconds.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let mut idle_probe = PgConnection::connect(&scratch.url).await?;
+    let before = transactions(&mut idle_probe, &scratch.name).await?;
+    tokio::time::sleep(Duration::from_secs(options.idle_seconds)).await;
+    let after = transactions(&mut idle_probe, &scratch.name).await?;
+    // The first reading is a transaction of its own.
+    let idle_queries_per_min =
+        (after - before - 1).max(0) as f64 * 60.0 / options.idle_seconds.max(1) as f64;
+    let worker_rss_mb = worker.stop().await?;
+    commands.task.abort();
+
+    // -------- relay alone
+    progress(&format!("relay alone: {} rows", options.relay_rows));
+    let relay = Process::start(options, "relay", &env)?;
+    relay
+        .wait_for_ready()
+        .await
+        .context("waiting for the relay")?;
+    let payload: String = sqlx::query_scalar("SELECT payload FROM event_outbox LIMIT 1")
+        .fetch_one(&mut probe)
+        .await?;
+    let started = Instant::now();
     sqlx::query(
         "INSERT INTO event_outbox (id, topic, message_key, event_type, correlation_id, payload) \
-         SELECT gen_random_uuid(), $1, 'key-' || (n % 1000), $1, gen_random_uuid(), \
-                jsonb_build_object('n', n, 'pad', repeat('x', 600)) \
-         FROM generate_series(1, $2) AS n",
+         SELECT gen_random_uuid(), $1, 'relay-' || (i % $3), $1, gen_random_uuid(), $2 \
+         FROM generate_series(1, $4) AS i",
     )
-    .bind(topics::TEACHER_NOTIFICATION)
-    .bind(options.relay_rows as i64)
-    .execute(&pool)
+    .bind(topics::NLP_COMMAND)
+    .bind(&payload)
+    .bind(i64::try_from(options.relay_rows / 4).unwrap_or(1).max(1))
+    .bind(i64::try_from(options.relay_rows).unwrap_or(i64::MAX))
+    .execute(&mut probe)
     .await?;
-    let relay = start(&repo, &pool, &kafka, options, false).await?;
-    let started = Instant::now();
-    loop {
-        let left = repo.outbox_stats().await?.unpublished;
-        if left == 0 {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(600),
-            "relay did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    drained(&mut probe, Duration::from_secs(300)).await?;
+    let relay_rows_per_s = options.relay_rows as f64 / started.elapsed().as_secs_f64();
+    relay.stop().await?;
+
+    // -------- ceiling
+    let mut ceiling_by_connections = BTreeMap::new();
+    for connections in [1usize, 2, 4] {
+        progress(&format!(
+            "ceiling: {} events on {connections} connection(s)",
+            options.ceiling_events
+        ));
+        let events = preload(&repo, &rules, options.ceiling_events).await?;
+        let rate = ceiling(&scratch.url, events, connections, options.per_commit).await?;
+        ceiling_by_connections.insert(connections.to_string(), rate);
     }
-    let relay_rps = options.relay_rows as f64 / started.elapsed().as_secs_f64();
-    relay.stop().await;
-
-    // 5. The ceiling: the same transaction shape, directly, same batch size and concurrency.
-    eprintln!("ceiling: {} events, direct SQL …", options.events);
-    let ids: Vec<String> = throughput_set.iter().map(|l| l.batch_id.clone()).collect();
-    let ceiling_eps = ceiling(&pool, &ids, options.max_batch, options.partitions as usize).await?;
-
-    drop(producer);
+    let ceiling_events_per_s = ceiling_by_connections
+        .values()
+        .copied()
+        .fold(0.0, f64::max);
+    probe.close().await?;
     drop(embedded);
-    Ok(BenchReport {
+
+    let report = BenchReport {
+        machine,
         events: options.events,
         partitions: options.partitions,
-        max_batch: options.max_batch,
-        apply_events_per_s: apply_eps,
-        ceiling_events_per_s: ceiling_eps,
-        ratio_of_ceiling: apply_eps / ceiling_eps,
-        latency_rate_per_s: options.rate,
-        latency_events: latencies.len(),
-        latency_p50_ms: percentile(&latencies, 0.50),
-        latency_p95_ms: percentile(&latencies, 0.95),
-        latency_p99_ms: percentile(&latencies, 0.99),
-        latency_max_ms: latencies.last().copied().unwrap_or(0.0),
-        relay_rows: options.relay_rows,
-        relay_rows_per_s: relay_rps,
-        idle_transactions_per_s: idle_tps,
-        peak_rss_mb: peak_rss_mb(),
-    })
+        events_per_s,
+        ceiling_events_per_s,
+        ceiling_by_connections,
+        ceiling_ratio: events_per_s / ceiling_events_per_s,
+        ceiling_per_commit: options.per_commit,
+        latency,
+        worker_rss_mb,
+        relay_rows_per_s,
+        idle_queries_per_min,
+        batch_row_bytes: usize::try_from(batch_row_bytes).unwrap_or(0),
+        command_bytes,
+    };
+    if let Some(dir) = &options.out {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("latency-cdf.svg"), plot::latency_cdf(&report))?;
+        std::fs::write(dir.join("throughput.svg"), plot::throughput(&report))?;
+    }
+    Ok(report)
+}
+
+impl Process {
+    async fn wait_for_ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = self
+                .http
+                .get(format!("http://127.0.0.1:{}/readyz", self.port))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("not ready within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+mod plot {
+    //! Two small SVG figures, written by hand to keep the bench dependency-free.
+
+    use super::BenchReport;
+
+    const W: f64 = 640.0;
+    const H: f64 = 360.0;
+    const M: f64 = 56.0;
+    const COLOURS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+
+    fn frame(title: &str, x_label: &str, y_label: &str) -> String {
+        format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+             <text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">{title}</text>\n\
+             <line x1=\"{M}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+             <line x1=\"{M}\" y1=\"{M}\" x2=\"{M}\" y2=\"{}\" stroke=\"black\"/>\n\
+             <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{x_label}</text>\n\
+             <text x=\"14\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 14 {})\">{y_label}</text>\n",
+            W / 2.0,
+            H - M,
+            W - M / 2.0,
+            H - M,
+            H - M,
+            W / 2.0,
+            H - 12.0,
+            H / 2.0,
+            H / 2.0,
+        )
+    }
+
+    /// Cumulative share of hops against their latency, one line per rate.
+    pub fn latency_cdf(report: &BenchReport) -> String {
+        let max = report
+            .latency
+            .values()
+            .map(|l| super::percentile(&l.samples_ms, 0.999))
+            .fold(1.0, f64::max)
+            .ceil();
+        let x = |ms: f64| M + (ms.min(max) / max) * (W - 1.5 * M);
+        let y = |share: f64| (H - M) - share * (H - 2.0 * M);
+        let mut svg = frame(
+            "Hop latency (outcome produced → command read back)",
+            "milliseconds",
+            "share of hops",
+        );
+        for i in 0..=5 {
+            let ms = max * f64::from(i) / 5.0;
+            svg += &format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{ms:.0}</text>\n",
+                x(ms),
+                H - M + 16.0
+            );
+            let share = f64::from(i) / 5.0;
+            svg += &format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{share:.1}</text>\n\
+                 <line x1=\"{M}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>\n",
+                M - 6.0,
+                y(share) + 4.0,
+                y(share),
+                W - M / 2.0,
+                y(share)
+            );
+        }
+        for (i, l) in report.latency.values().enumerate() {
+            let n = l.samples_ms.len().max(1) as f64;
+            let points: Vec<String> = l
+                .samples_ms
+                .iter()
+                .enumerate()
+                .step_by((l.samples_ms.len() / 500).max(1))
+                .map(|(k, ms)| format!("{:.1},{:.1}", x(*ms), y((k + 1) as f64 / n)))
+                .collect();
+            let colour = COLOURS[i % COLOURS.len()];
+            svg += &format!(
+                "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\">{}/s: p50 {:.1} ms, p99 {:.1} ms</text>\n",
+                points.join(" "),
+                W - 250.0,
+                H - M - 20.0 - 16.0 * i as f64,
+                l.rate_per_s,
+                l.p50_ms,
+                l.p99_ms
+            );
+        }
+        svg + "</svg>\n"
+    }
+
+    /// bos end to end against the ceiling on 1, 2 and 4 connections.
+    pub fn throughput(report: &BenchReport) -> String {
+        let mut bars: Vec<(String, f64)> = vec![("bos, end to end".to_owned(), report.events_per_s)];
+        for (connections, rate) in &report.ceiling_by_connections {
+            bars.push((format!("ceiling, {connections} conn."), *rate));
+        }
+        let max = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.1;
+        let mut svg = frame("Throughput against the ceiling", "events per second", "");
+        let band = (H - 2.0 * M) / bars.len() as f64;
+        let x = |v: f64| M + v / max * (W - 1.5 * M);
+        for (i, (label, value)) in bars.iter().enumerate() {
+            let top = M + band * i as f64 + band * 0.15;
+            let colour = if i == 0 { COLOURS[0] } else { "#999" };
+            svg += &format!(
+                "<rect x=\"{M}\" y=\"{top:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\"/>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\">{label}: {value:.0}</text>\n",
+                x(*value) - M,
+                band * 0.7,
+                M + 6.0,
+                top + band * 0.45,
+            );
+        }
+        let half = report.ceiling_events_per_s / 2.0;
+        svg += &format!(
+            "<line x1=\"{:.1}\" y1=\"{M}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#d62728\" stroke-dasharray=\"4 3\"/>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" fill=\"#d62728\">50 % of the ceiling</text>\n",
+            x(half),
+            x(half),
+            H - M,
+            x(half) + 4.0,
+            M - 4.0
+        );
+        for i in 0..=4 {
+            let v = max * f64::from(i) / 4.0;
+            svg += &format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{v:.0}</text>\n",
+                x(v),
+                H - M + 16.0
+            );
+        }
+        svg + "</svg>\n"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_ranks() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&v, 1.0), 100.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn scrapes_give_stage_deltas() {
+        let before = Scrape::parse(
+            "bos_stage_seconds_bucket{stage=\"fetch\",le=\"0.001\"} 1\n\
+             bos_stage_seconds_bucket{stage=\"fetch\",le=\"0.01\"} 2\n\
+             bos_stage_seconds_bucket{stage=\"fetch\",le=\"+Inf\"} 2\n\
+             bos_stage_seconds_sum{stage=\"fetch\"} 0.006\n\
+             bos_stage_seconds_count{stage=\"fetch\"} 2\n",
+        );
+        let after = Scrape::parse(
+            "bos_stage_seconds_bucket{stage=\"fetch\",le=\"0.001\"} 5\n\
+             bos_stage_seconds_bucket{stage=\"fetch\",le=\"0.01\"} 6\n\
+             bos_stage_seconds_bucket{stage=\"fetch\",le=\"+Inf\"} 6\n\
+             bos_stage_seconds_sum{stage=\"fetch\"} 0.012\n\
+             bos_stage_seconds_count{stage=\"fetch\"} 6\n",
+        );
+        let s = Scrape::stage(&before, &after, "fetch");
+        assert_eq!(s.observations, 4);
+        assert!((s.mean_ms - 1.5).abs() < 1e-9);
+        assert_eq!(s.p50_ms, 1.0);
+        assert_eq!(s.p99_ms, 1.0);
+    }
+
+    #[test]
+    fn scratch_urls_keep_the_server_and_options() {
+        assert_eq!(
+            with_database("postgres://u@h:5432/test?sslmode=disable", "x"),
+            "postgres://u@h:5432/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://u@h:5432", "x"), "postgres://u@h:5432/x");
+    }
 }

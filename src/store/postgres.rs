@@ -109,26 +109,26 @@ fn to_json<T: serde::Serialize>(value: &T, id: &str) -> StoreResult<String> {
 
 /// The batch columns of many writes, as arrays for one `UNNEST` statement.
 #[derive(Default)]
-struct BatchColumns {
-    ids: Vec<String>,
-    expected: Vec<Option<i64>>,
-    correlations: Vec<Uuid>,
-    class_ids: Vec<Option<String>>,
-    statuses: Vec<&'static str>,
-    contexts: Vec<String>,
-    pipelines: Vec<String>,
-    orchestrations: Vec<String>,
-    totals: Vec<i32>,
-    failed: Vec<String>,
-    parked: Vec<String>,
-    errors: Vec<String>,
-    created: Vec<Timestamp>,
-    updated: Vec<Timestamp>,
-    completed: Vec<Option<Timestamp>>,
+pub(crate) struct BatchColumns {
+    pub(crate) ids: Vec<String>,
+    pub(crate) expected: Vec<Option<i64>>,
+    pub(crate) correlations: Vec<Uuid>,
+    pub(crate) class_ids: Vec<Option<String>>,
+    pub(crate) statuses: Vec<&'static str>,
+    pub(crate) contexts: Vec<String>,
+    pub(crate) pipelines: Vec<String>,
+    pub(crate) orchestrations: Vec<String>,
+    pub(crate) totals: Vec<i32>,
+    pub(crate) failed: Vec<String>,
+    pub(crate) parked: Vec<String>,
+    pub(crate) errors: Vec<String>,
+    pub(crate) created: Vec<Timestamp>,
+    pub(crate) updated: Vec<Timestamp>,
+    pub(crate) completed: Vec<Option<Timestamp>>,
 }
 
 impl BatchColumns {
-    fn push(&mut self, w: &BatchWrite) -> StoreResult<()> {
+    pub(crate) fn push(&mut self, w: &BatchWrite) -> StoreResult<()> {
         let b = &w.batch;
         self.ids.push(b.id.clone());
         self.expected.push(w.expected_version);
@@ -468,12 +468,13 @@ impl PgRepository {
             let payloads: Vec<&str> = outbox.iter().map(|m| m.payload.as_str()).collect();
             let traces: Vec<Option<&str>> =
                 outbox.iter().map(|m| m.traceparent.as_deref()).collect();
-            let created: Vec<Timestamp> = outbox.iter().map(|m| m.occurred_at).collect();
+            // created_at is when the row was written (not decided): the
+            // relay's `relay_woke` stage starts there.
             sqlx::query(
                 "INSERT INTO event_outbox (id, topic, message_key, event_type, correlation_id, payload, traceparent, created_at) \
-                 SELECT t.id, t.topic, t.key, t.topic, t.corr, t.payload, t.trace, t.created \
-                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::timestamptz[]) \
-                   WITH ORDINALITY AS t(id, topic, key, corr, payload, trace, created, n) \
+                 SELECT t.id, t.topic, t.key, t.topic, t.corr, t.payload, t.trace, clock_timestamp() \
+                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[]) \
+                   WITH ORDINALITY AS t(id, topic, key, corr, payload, trace, n) \
                  ORDER BY t.n",
             )
             .bind(&ids)
@@ -482,7 +483,6 @@ impl PgRepository {
             .bind(&correlations)
             .bind(&payloads)
             .bind(&traces)
-            .bind(&created)
             .execute(&mut *tx)
             .await
             .map_err(StoreError::from)?;

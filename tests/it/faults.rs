@@ -52,6 +52,32 @@ impl Faults {
     }
 }
 
+type BrokerFault = (bool, Option<Vec<RDKafkaApiKey>>);
+
+/// Runs `work` while applying the broker faults the injector asks for.
+async fn applying_broker_faults<T>(
+    work: impl std::future::Future<Output = T>,
+    faults: &mut tokio::sync::mpsc::UnboundedReceiver<BrokerFault>,
+    mock: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+) -> T {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            Some((down, errors)) = faults.recv() => {
+                if down {
+                    mock.broker_down(1).unwrap();
+                } else {
+                    mock.broker_up(1).unwrap();
+                    for api in errors.into_iter().flatten() {
+                        mock.request_errors(api, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 3]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A small deterministic generator.
 struct Lcg(u64);
 
@@ -319,7 +345,7 @@ async fn scenario(name: &str, faults: Faults) -> Report {
         let own_cluster = own.clone();
         let mut rng = Lcg(7 + name.len() as u64);
         let (mut procs, mut relays) = (std::mem::take(&mut workers), std::mem::take(&mut relays));
-        let (broker_tx, mut broker_rx) = tokio::sync::mpsc::unbounded_channel::<(bool, Option<Vec<RDKafkaApiKey>>)>();
+        let (broker_tx, broker_rx) = tokio::sync::mpsc::unbounded_channel::<BrokerFault>();
         let task = tokio::spawn(async move {
             let mut count = 0usize;
             let mut rounds = 0u64;
@@ -413,9 +439,9 @@ async fn scenario(name: &str, faults: Faults) -> Report {
         (task, broker_rx)
     };
     let (injector, mut broker_rx) = injector;
-    // The workload, paced over ~8 s; the faults run until every request is answered.
     let poison_topics = [topics::PHASE_OUTCOME, topics::CLIENT_PIPELINE_REQUEST, topics::BATCH_ESSAYS_READY];
-    // Spread over ~16 s, so the faults meet work in flight.
+    // Spread over ~16 s, so the faults meet work in flight; the faults go on
+    // until every request is answered.
     let per_tick = (batches / 80).max(1);
     let mut next = 0;
     let answers_due = |w: &Workload, seen: &[Seen]| -> usize {
@@ -429,35 +455,30 @@ async fn scenario(name: &str, faults: Faults) -> Report {
     };
     let deadline = Instant::now() + Duration::from_secs(420);
     loop {
-        // Broker faults are applied here: the mock cluster lives in this task.
-        while let Ok((down, errors)) = broker_rx.try_recv() {
-            if down {
-                mock.cluster().broker_down(1).unwrap();
-            } else {
-                mock.cluster().broker_up(1).unwrap();
-                for api in errors.into_iter().flatten() {
-                    mock.cluster().request_errors(api, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 3]);
+        // Broker faults are applied while the upstream's sends wait for the
+        // broker: the mock cluster lives in this task.
+        let round = async {
+            if next < ids.len() {
+                for id in ids[next..(next + per_tick).min(ids.len())].to_vec() {
+                    w.start_batch(&id).await;
+                    if w.rng.chance(5) {
+                        let topic = w.rng.pick(&poison_topics);
+                        let bytes = if w.rng.chance(50) {
+                            format!("{{not json {id}").into_bytes()
+                        } else {
+                            envelope(topic, Uuid::new_v4(), upstream::pipeline_request(&format!("no-such-{id}"), "nlp", "t"))
+                        };
+                        let topic = if bytes.starts_with(b"{\"") { topics::CLIENT_PIPELINE_REQUEST } else { topic };
+                        w.poison(topic, &id, bytes).await;
+                    }
                 }
+                next += per_tick;
             }
-        }
-        if next < ids.len() {
-            for id in ids[next..(next + per_tick).min(ids.len())].to_vec() {
-                w.start_batch(&id).await;
-                if w.rng.chance(5) {
-                    let topic = w.rng.pick(&poison_topics);
-                    let bytes = if w.rng.chance(50) {
-                        format!("{{not json {id}").into_bytes()
-                    } else {
-                        envelope(topic, Uuid::new_v4(), upstream::pipeline_request(&format!("no-such-{id}"), "nlp", "t"))
-                    };
-                    let topic = if bytes.starts_with(b"{\"") { topics::CLIENT_PIPELINE_REQUEST } else { topic };
-                    w.poison(topic, &id, bytes).await;
-                }
-            }
-            next += per_tick;
-        }
-        let seen = observer.all();
-        w.respond(&seen).await;
+            let seen = observer.all();
+            w.respond(&seen).await;
+            seen
+        };
+        let seen = applying_broker_faults(round, &mut broker_rx, mock.cluster()).await;
         let due = answers_due(&w, &seen);
         if std::env::var_os("BOS_FAULT_TRACE").is_some() {
             eprintln!("{:>6.1}s sent {} seen {} due {due}", started.elapsed().as_secs_f64(), w.events, seen.len());
@@ -471,7 +492,7 @@ async fn scenario(name: &str, faults: Faults) -> Report {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _ = stop_faults.send(true);
-    let (faults_injected, mut problems, mut procs, mut relays) = injector.await.unwrap();
+    let (faults_injected, mut problems, mut procs, mut relays) = applying_broker_faults(injector, &mut broker_rx, mock.cluster()).await.unwrap();
     mock.cluster().broker_up(1).unwrap();
     // Settle: everything answered, the outbox drained, every letter out.
     let settle_by = Instant::now() + Duration::from_secs(180);

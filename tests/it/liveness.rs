@@ -470,6 +470,7 @@ async fn a_broker_outage_is_logged_once_per_interval_and_not_ready() {
     eventually(Duration::from_secs(20), "readyz 503 while the broker is down", || status(bos.http.clone(), 503)).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let during: Vec<String> = bos.log()[before..].iter().filter(|l| l.contains("WARN") || l.contains("ERROR")).cloned().collect();
+    assert!(!during.is_empty(), "the outage is reported: {:#?}", bos.log());
     assert!(during.len() <= 12, "at most a line per client and interval, got {}: {during:#?}", during.len());
     mock.cluster().broker_up(1).unwrap();
     eventually(Duration::from_secs(30), "ready again", || status(bos.http.clone(), 200)).await;

@@ -13,4 +13,5 @@ mod relay;
 mod repository;
 mod liveness;
 mod ops;
+mod parity;
 mod worker;
