@@ -360,13 +360,17 @@ impl Application {
 }
 
 /// A receiver that turns true on SIGTERM or SIGINT.
+/// The SIGTERM handler is installed before this returns, so a stop that comes
+/// during start-up is a graceful one too.
 pub fn shutdown_on_signals() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
+    #[cfg(unix)]
+    let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
     tokio::spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            match terminate {
                 Ok(mut s) => {
                     s.recv().await;
                 }

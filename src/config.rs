@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::contracts::PhaseName;
+use crate::contracts::{topics, PhaseName};
 use crate::domain::PhaseGraph;
 
 /// The documented defaults, built into the binary.
@@ -126,6 +126,15 @@ pub struct KafkaSettings {
     pub group_id: String,
     /// Prepended to every topic, consumed and published.
     pub topic_prefix: String,
+    /// Prepended to published topics (commands, events, dead letters) instead
+    /// of `topic_prefix`: a shadow run publishes beside the live service.
+    #[serde(default)]
+    pub publish_prefix: Option<String>,
+    /// Also consume the live service's `batch.essays.registered` events and
+    /// create the batches they announce (a shadow run never sees the HTTP
+    /// registrations).
+    #[serde(default)]
+    pub adopt_registrations: bool,
     pub dlq_replication_factor: i32,
     #[serde(with = "humantime_serde")]
     pub topic_check_interval: Duration,
@@ -160,6 +169,8 @@ impl fmt::Debug for KafkaSettings {
             .field("bootstrap_servers", &self.bootstrap_servers)
             .field("group_id", &self.group_id)
             .field("topic_prefix", &self.topic_prefix)
+            .field("publish_prefix", &self.publish_prefix)
+            .field("adopt_registrations", &self.adopt_registrations)
             .field("dlq_replication_factor", &self.dlq_replication_factor)
             .field("topic_check_interval", &self.topic_check_interval)
             .field("librdkafka", &shown_properties(&self.librdkafka))
@@ -173,6 +184,8 @@ impl KafkaSettings {
             bootstrap_servers: bootstrap_servers.into(),
             group_id: "batch-orchestrator-consumers".to_owned(),
             topic_prefix: String::new(),
+            publish_prefix: None,
+            adopt_registrations: false,
             dlq_replication_factor: -1,
             topic_check_interval: Duration::from_secs(30),
             librdkafka: BTreeMap::new(),
@@ -181,6 +194,35 @@ impl KafkaSettings {
 
     pub fn topic(&self, name: &str) -> String {
         format!("{}{name}", self.topic_prefix)
+    }
+
+    /// A topic bos publishes to (a command, an event, a dead-letter topic).
+    pub fn published(&self, name: &str) -> String {
+        format!(
+            "{}{name}",
+            self.publish_prefix.as_deref().unwrap_or(&self.topic_prefix)
+        )
+    }
+
+    /// The topics the worker consumes (unprefixed).
+    pub fn consumed(&self) -> Vec<&'static str> {
+        let mut names = topics::CONSUMED.to_vec();
+        if self.adopt_registrations {
+            names.push(topics::BATCH_ESSAYS_REGISTERED);
+        }
+        names
+    }
+
+    /// Settings of a shadow run beside the live service: its own consumer
+    /// group, the live topics consumed, everything published under
+    /// `shadow_prefix` (before the live prefix).
+    pub fn shadow(&self, shadow_prefix: &str) -> Self {
+        Self {
+            group_id: format!("{}-shadow", self.group_id),
+            publish_prefix: Some(format!("{shadow_prefix}{}", self.topic_prefix)),
+            adopt_registrations: true,
+            ..self.clone()
+        }
     }
 
     /// The unprefixed name of a prefixed topic.

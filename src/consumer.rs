@@ -18,7 +18,6 @@ use tokio::task::JoinSet;
 
 use crate::apply::{prepare, Applier, Outcome, Record, Verdict};
 use crate::config::{ConsumerSettings, KafkaSettings};
-use crate::contracts::topics;
 use crate::health::Health;
 use crate::kafka::{consumer_config, Assignment, ConsumerEvents};
 use crate::metrics::Metrics;
@@ -35,7 +34,7 @@ pub fn subscribe(
     let (tx, rx) = mpsc::unbounded_channel();
     let consumer: BosConsumer =
         consumer_config(kafka).create_with_context(ConsumerEvents::new(tx, metrics))?;
-    let names: Vec<String> = topics::CONSUMED.iter().map(|t| kafka.topic(t)).collect();
+    let names: Vec<String> = kafka.consumed().iter().map(|t| kafka.topic(t)).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     Ok((Arc::new(consumer), rx))
@@ -173,7 +172,6 @@ impl Consumer {
         let mut paused: HashSet<PartitionKey> = HashSet::new();
         let (resume_tx, mut resume_rx) = mpsc::unbounded_channel::<PartitionKey>();
         let errors = Throttled::new(Duration::from_secs(10));
-        let mut backoff = shared.settings.backoff_initial;
         let mut gauges = tokio::time::interval(Duration::from_secs(1));
         let mut lag_measured = Instant::now();
         let mut stop_signal = shutdown.clone();
@@ -228,7 +226,6 @@ impl Consumer {
                 }
                 received = shared.consumer.recv() => match received {
                     Ok(message) => {
-                        backoff = shared.settings.backoff_initial;
                         let record = self.detach(&message);
                         drop(message);
                         let key = (record.topic.clone(), record.partition);
@@ -253,13 +250,16 @@ impl Consumer {
                             }
                         }
                     }
+                    Err(KafkaError::MessageConsumptionFatal(code)) => {
+                        break Err(anyhow::anyhow!("the Kafka consumer failed fatally: {code}"));
+                    }
+                    // Anything else is librdkafka reporting what it is already
+                    // recovering from (a broker away, a request failing). Keep
+                    // polling at once: the poll is also what serves the group's
+                    // join and assignment, and errors queued during an outage
+                    // must not be drained one per back-off.
                     Err(e) => {
-                        errors.warn(&format!("consumer error: {e}; retrying in {backoff:?}"));
-                        tokio::select! {
-                            _ = crate::signal::stopped(&mut stop_signal) => {}
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(shared.settings.backoff_max);
+                        errors.warn(&format!("consumer error: {e} (librdkafka retries on its own)"));
                     }
                 },
             }

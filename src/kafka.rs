@@ -349,13 +349,13 @@ impl ProducerHandle {
 pub fn required_topics(kafka: &KafkaSettings, consume: bool) -> Vec<String> {
     let mut names = Vec::new();
     if consume {
-        for t in topics::CONSUMED {
+        for t in kafka.consumed() {
             names.push(kafka.topic(t));
-            names.push(kafka.topic(&format!("{t}{}", topics::DLQ_SUFFIX)));
+            names.push(kafka.published(&format!("{t}{}", topics::DLQ_SUFFIX)));
         }
     }
     for t in topics::PUBLISHED {
-        names.push(kafka.topic(t));
+        names.push(kafka.published(t));
     }
     names
 }
@@ -384,14 +384,18 @@ pub async fn check_topics(kafka: &KafkaSettings, consume: bool, health: &Health)
         .filter(|t| !existing.contains_key(*t))
         .cloned()
         .collect();
-    let dlq: Vec<(String, i32)> = missing
-        .iter()
-        .filter(|t| t.ends_with(topics::DLQ_SUFFIX))
-        .filter_map(|t| {
-            let source = t.strip_suffix(topics::DLQ_SUFFIX)?;
-            existing.get(source).map(|&n| (t.clone(), n))
-        })
-        .collect();
+    // A missing dead-letter topic gets as many partitions as its source.
+    let dlq: Vec<(String, i32)> = if consume {
+        kafka
+            .consumed()
+            .into_iter()
+            .map(|t| (kafka.published(&format!("{t}{}", topics::DLQ_SUFFIX)), kafka.topic(t)))
+            .filter(|(dlq, _)| missing.contains(dlq))
+            .filter_map(|(dlq, source)| existing.get(&source).map(|&n| (dlq, n)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     health.set_missing_topics(missing.clone());
     if !dlq.is_empty() {
         let created = tokio::time::timeout(Duration::from_secs(15), create_topics(&kafka, &dlq)).await;

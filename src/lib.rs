@@ -39,6 +39,7 @@ pub mod domain;
 pub mod health;
 pub mod http;
 pub mod kafka;
+pub mod legacy;
 pub mod metrics;
 pub mod ops;
 pub mod outbox;

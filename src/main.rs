@@ -21,7 +21,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Consume, decide, publish and serve HTTP until SIGTERM/SIGINT.
-    Run,
+    Run {
+        /// Run beside the live service: its own consumer group (`<group>-shadow`),
+        /// the live topics consumed (registrations included), everything
+        /// published under `--shadow-prefix`. Give it a database of its own.
+        #[arg(long)]
+        shadow: bool,
+        #[arg(long, default_value = "shadow.")]
+        shadow_prefix: String,
+    },
     /// Run only the outbox relay (with /healthz, /readyz and /metrics).
     Relay,
     /// Apply the database migrations and exit.
@@ -49,6 +57,32 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// Import the original service's batches (with their run in progress and
+    /// unpublished outbox rows) into bos's database; never writes the source.
+    ImportLegacy {
+        /// The original service's database URL.
+        #[arg(long)]
+        from: String,
+        /// Report what would be imported; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only these batches (repeatable); all when absent.
+        #[arg(long = "batch")]
+        batches: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare what a shadow run published with what the live service
+    /// published: phases, their essays, denials, completions. Exits 1 on a difference.
+    ShadowReport {
+        #[arg(long, default_value = "shadow.")]
+        shadow_prefix: String,
+        /// Read at most this many messages per side.
+        #[arg(long, default_value_t = 1_000_000)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -377,27 +411,73 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             );
             Ok(true)
         }
-        Command::Run | Command::Relay | Command::Migrate => {
+        Command::ImportLegacy {
+            from,
+            dry_run,
+            batches,
+            json,
+        } => {
+            quiet_logs();
+            let source = bos::legacy::import::Source::connect(&from).await?;
+            let (legacy, unattached) = source.read(&batches).await?;
+            let repo = store(&settings).await?;
+            let report = bos::legacy::import::import(repo.as_ref(), &legacy, &unattached, dry_run).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(true)
+        }
+        Command::ShadowReport {
+            shadow_prefix,
+            limit,
+            json,
+        } => {
+            quiet_logs();
+            let report = bos::legacy::shadow::report(&settings.kafka, &shadow_prefix, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(report.differences.is_empty())
+        }
+        Command::Run { .. } | Command::Relay | Command::Migrate => {
+            // First the stop signal: a SIGTERM during start-up stops bos cleanly.
+            let mut shutdown = bos::app::shutdown_on_signals();
             let _telemetry =
                 bos::telemetry::init(&settings.log, &settings.telemetry.otlp_endpoint)?;
-            match cli.command {
+            let (settings, role) = match cli.command {
                 Command::Migrate => {
                     bos::app::open_store(&settings, None).await?;
                     tracing::info!("migrations applied");
+                    return Ok(true);
                 }
-                Command::Relay => {
-                    Application::build(settings, Role::RelayOnly)
-                        .await?
-                        .run_until_stopped(bos::app::shutdown_on_signals())
-                        .await?;
+                Command::Relay => (settings, Role::RelayOnly),
+                Command::Run {
+                    shadow: true,
+                    shadow_prefix,
+                } => {
+                    let mut settings = settings;
+                    settings.kafka = settings.kafka.shadow(&shadow_prefix);
+                    tracing::info!(
+                        group = %settings.kafka.group_id,
+                        publish_prefix = ?settings.kafka.publish_prefix,
+                        "shadow run: consuming the live topics, publishing beside them"
+                    );
+                    (settings, Role::Worker)
                 }
-                _ => {
-                    Application::build(settings, Role::Worker)
-                        .await?
-                        .run_until_stopped(bos::app::shutdown_on_signals())
-                        .await?;
+                _ => (settings, Role::Worker),
+            };
+            let app = tokio::select! {
+                app = Application::build(settings, role) => app?,
+                () = bos::signal::stopped(&mut shutdown) => {
+                    tracing::info!("stopped during start-up");
+                    return Ok(true);
                 }
-            }
+            };
+            app.run_until_stopped(shutdown).await?;
             Ok(true)
         }
     }

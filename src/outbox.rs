@@ -220,7 +220,7 @@ impl Relay {
         };
         let sent = Instant::now();
         let producer = self.producer.get();
-        let topics: Vec<String> = rows.iter().map(|r| self.kafka.topic(&r.topic)).collect();
+        let topics: Vec<String> = rows.iter().map(|r| self.kafka.published(&r.topic)).collect();
         // Enqueue in order; a key whose row could not be enqueued sends nothing after it.
         let mut blocked: HashMap<&str, String> = HashMap::new();
         let mut pending = Vec::with_capacity(rows.len());
@@ -288,7 +288,7 @@ impl Relay {
                 }
                 Err((error, true)) => {
                     if error.contains("Unknown topic") || error.contains("UnknownTopic") {
-                        self.health.topic_missing(&self.kafka.topic(&row.topic));
+                        self.health.topic_missing(&self.kafka.published(&row.topic));
                     }
                     self.errors.warn(&format!(
                         "publish of {} to {} failed: {error}; will retry",

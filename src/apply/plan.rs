@@ -338,15 +338,21 @@ pub fn plan(
                 for note in effects.notes {
                     notes.push((index, note));
                 }
-                let loaded = working
+                // Effects on a batch that was not loaded create it (a shadow
+                // run adopting a registration): written without a version.
+                let (loaded, expected_version) = match working
                     .get(&batch_id)
-                    .map(|w| w.loaded.clone())
-                    .or_else(|| batches.get(&batch_id).cloned());
-                if let Some(loaded) = loaded {
+                    .map(|w| (w.loaded.clone(), w.write.expected_version))
+                    .or_else(|| batches.get(&batch_id).map(|b| (b.clone(), Some(b.version))))
+                {
+                    Some(found) => found,
+                    None => (effects.batch.clone(), None),
+                };
+                {
                     let w = working.entry(batch_id.clone()).or_insert_with(|| Working {
                         write: BatchWrite {
                             batch: loaded.clone(),
-                            expected_version: Some(loaded.version),
+                            expected_version,
                             essays_changed: false,
                             transitions: Vec::new(),
                             snapshots: Vec::new(),

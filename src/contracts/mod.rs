@@ -36,6 +36,8 @@ pub enum InboundEvent {
     PipelineRequest(ClientPipelineRequest),
     PhaseOutcome(PhaseOutcome),
     ValidationErrors(BatchValidationErrors),
+    /// The live service registered a batch (consumed by a shadow run only).
+    Registered(BatchEssaysRegistered),
 }
 
 impl InboundEvent {
@@ -47,6 +49,7 @@ impl InboundEvent {
             InboundEvent::PipelineRequest(e) => &e.batch_id,
             InboundEvent::PhaseOutcome(e) => &e.batch_id,
             InboundEvent::ValidationErrors(e) => &e.batch_id,
+            InboundEvent::Registered(e) => &e.entity_id,
         }
     }
 
@@ -59,6 +62,7 @@ impl InboundEvent {
             InboundEvent::PipelineRequest(_) => topics::CLIENT_PIPELINE_REQUEST,
             InboundEvent::PhaseOutcome(_) => topics::PHASE_OUTCOME,
             InboundEvent::ValidationErrors(_) => topics::VALIDATION_ERRORS,
+            InboundEvent::Registered(_) => topics::BATCH_ESSAYS_REGISTERED,
         }
     }
 }
@@ -111,6 +115,7 @@ pub fn decode(topic: &str, bytes: &[u8]) -> Result<Decoded, DecodeError> {
         }
         topics::PHASE_OUTCOME => InboundEvent::PhaseOutcome(data(topic, raw)?),
         topics::VALIDATION_ERRORS => InboundEvent::ValidationErrors(data(topic, raw)?),
+        topics::BATCH_ESSAYS_REGISTERED => InboundEvent::Registered(data(topic, raw)?),
         other => return Err(DecodeError::UnknownTopic(other.to_owned())),
     };
     validate::essay_lists(&event).map_err(invalid)?;
@@ -219,6 +224,7 @@ pub mod validate {
             InboundEvent::ValidationErrors(e) => {
                 unique("failed_essays", e.failed_essays.iter().map(|f| &f.essay_id))
             }
+            InboundEvent::Registered(e) => unique("essay_ids", e.essay_ids.iter()),
         }
     }
 }

@@ -43,8 +43,13 @@ pub const PUBLISHED: [&str; 9] = [
 /// Suffix of the dead-letter topic of a consumed topic.
 pub const DLQ_SUFFIX: &str = ".dlq";
 
-/// The dead-letter topic of each consumed topic.
-pub const DEAD_LETTER: [(&str, &str); 6] = [
+/// The dead-letter topic of each consumed topic (registrations are consumed by
+/// a shadow run).
+pub const DEAD_LETTER: [(&str, &str); 7] = [
+    (
+        BATCH_ESSAYS_REGISTERED,
+        "huleedu.batch.essays.registered.v1.dlq",
+    ),
     (
         CONTENT_PROVISIONING_COMPLETED,
         "huleedu.batch.content.provisioning.completed.v1.dlq",
@@ -69,3 +74,32 @@ pub fn dead_letter_topic(topic: &str) -> Option<&'static str> {
 
 /// The name `source_service` carries on everything the worker publishes.
 pub const SOURCE_SERVICE: &str = "batch_orchestrator_service";
+
+/// The command topic that starts `phase`.
+pub fn command_topic(phase: super::PhaseName) -> &'static str {
+    use super::PhaseName;
+    match phase {
+        PhaseName::Spellcheck => SPELLCHECK_COMMAND,
+        PhaseName::Nlp => NLP_COMMAND,
+        PhaseName::CjAssessment => CJ_ASSESSMENT_COMMAND,
+        PhaseName::AiFeedback => AI_FEEDBACK_COMMAND,
+        PhaseName::StudentMatching => STUDENT_MATCHING_COMMAND,
+    }
+}
+
+/// The phase a command topic starts.
+pub fn phase_of_command(topic: &str) -> Option<super::PhaseName> {
+    super::PhaseName::ALL
+        .iter()
+        .copied()
+        .find(|&phase| command_topic(phase) == topic)
+}
+
+/// Every topic of the platform bos touches, unprefixed, with whether it is a
+/// dead-letter topic: what a test or a local cluster creates.
+pub fn every_topic() -> Vec<(&'static str, bool)> {
+    let mut all: Vec<(&'static str, bool)> = CONSUMED.iter().map(|t| (*t, false)).collect();
+    all.extend(PUBLISHED.iter().map(|t| (*t, false)));
+    all.extend(DEAD_LETTER.iter().map(|(_, dlq)| (*dlq, true)));
+    all
+}

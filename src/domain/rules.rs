@@ -305,6 +305,25 @@ fn with_prompt(context: &BatchContext, request: &ClientPipelineRequest) -> Batch
     context
 }
 
+/// A batch as registration leaves it: awaiting its content.
+fn new_batch(id: String, correlation_id: Uuid, context: BatchContext, now: Timestamp) -> Batch {
+    Batch {
+        pipeline: PipelineState::initial(&id, now),
+        id,
+        correlation_id,
+        status: BatchStatus::AwaitingContentValidation,
+        essays: Vec::new(),
+        orchestration: Orchestration::default(),
+        parked: None,
+        validation_errors: Vec::new(),
+        version: 0,
+        created_at: now,
+        updated_at: now,
+        completed_at: None,
+        context,
+    }
+}
+
 impl Rules {
     pub fn new(graph: PhaseGraph) -> Self {
         Self { graph }
@@ -343,21 +362,7 @@ impl Rules {
             essay_ids: essay_ids.clone(),
             client_essay_ids: request.essay_ids.clone().unwrap_or_default(),
         };
-        let batch = Batch {
-            id: batch_id.clone(),
-            correlation_id,
-            status: BatchStatus::AwaitingContentValidation,
-            pipeline: PipelineState::initial(&batch_id, env.now),
-            essays: Vec::new(),
-            orchestration: Orchestration::default(),
-            parked: None,
-            validation_errors: Vec::new(),
-            version: 0,
-            created_at: env.now,
-            updated_at: env.now,
-            completed_at: None,
-            context,
-        };
+        let batch = new_batch(batch_id.clone(), correlation_id, context, env.now);
         let ctx = MessageContext {
             batch_id: &batch_id,
             correlation_id,
@@ -395,6 +400,34 @@ impl Rules {
         })
     }
 
+    /// A batch the live service registered, as a shadow run learns it from
+    /// the registered event: the same batch `register` would have made,
+    /// nothing published (the live service already did).
+    fn adopt(&self, registered: &BatchEssaysRegistered, meta: &EventMeta, env: &mut Env<'_>) -> Effects {
+        let context = BatchContext {
+            course_code: registered.course_code,
+            expected_essay_count: registered.expected_essay_count,
+            user_id: registered.user_id.clone(),
+            org_id: registered.org_id.clone(),
+            class_id: registered.class_id.clone().filter(|c| !c.trim().is_empty()),
+            student_prompt_ref: registered.student_prompt_ref.clone(),
+            cj_default_llm_model: None,
+            cj_default_temperature: None,
+            assignment_id: None,
+            essay_ids: registered.essay_ids.clone(),
+            client_essay_ids: Vec::new(),
+        };
+        Effects {
+            batch: new_batch(registered.entity_id.clone(), meta.correlation_id, context, env.now),
+            changed: true,
+            messages: Vec::new(),
+            essays_changed: false,
+            transitions: Vec::new(),
+            snapshot: None,
+            notes: vec![format!("batch {} adopted from its registration", registered.entity_id)],
+        }
+    }
+
     // ------------------------------------------------------------ consumed events
 
     /// Handlers 2–7: one event against the batch as read (`None`: unknown).
@@ -405,6 +438,12 @@ impl Rules {
         meta: &EventMeta,
         env: &mut Env<'_>,
     ) -> Decision {
+        if let InboundEvent::Registered(registered) = event {
+            return match batch {
+                Some(_) => Decision::Ignore(format!("batch `{}` is already known", registered.entity_id)),
+                None => Decision::Apply(self.adopt(registered, meta, env)),
+            };
+        }
         let Some(before) = batch else {
             return Decision::dead_letter(
                 dead_letter::UNKNOWN_BATCH,
@@ -457,6 +496,8 @@ impl Rules {
                 self.pipeline_request(&mut batch, request, &mut out, env)
             }
             InboundEvent::PhaseOutcome(e) => self.phase_outcome(&mut batch, e, &mut out, env),
+            // Answered before the batch is looked at.
+            InboundEvent::Registered(e) => ignore(format!("batch `{}` is already known", e.entity_id)),
         };
         match result {
             Err(Stop::Ignore(reason)) => Decision::Ignore(reason),

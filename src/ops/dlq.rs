@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 
@@ -40,7 +40,7 @@ pub async fn replay(
     join_timeout: Duration,
 ) -> Result<Replayed, ReplayError> {
     let source = kafka.topic(topic);
-    let dlq = format!("{source}{}", topics::DLQ_SUFFIX);
+    let dlq = kafka.published(&format!("{topic}{}", topics::DLQ_SUFFIX));
     let consumer: StreamConsumer = crate::kafka::client_config(kafka)
         .set("group.id", format!("{}-dlq-replay", kafka.group_id))
         .set("enable.auto.commit", "false")
@@ -144,64 +144,79 @@ pub struct Letter {
 /// Reads every letter of `<topic>.dlq` present now, from the beginning, without
 /// committing anything (it joins no group).
 pub async fn list(kafka: &KafkaSettings, topic: &str, limit: usize) -> Result<Vec<Letter>, ReplayError> {
-    let dlq = format!("{}{}", kafka.topic(topic), topics::DLQ_SUFFIX);
+    let dlq = kafka.published(&format!("{topic}{}", topics::DLQ_SUFFIX));
+    let messages = snapshot(kafka, std::slice::from_ref(&dlq), limit).await?;
+    Ok(messages
+        .iter()
+        .map(|message| Letter {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            headers: message
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .filter(|h| h.key.starts_with("dlq."))
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            payload: String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
+        })
+        .collect())
+}
+
+/// Everything `topics` hold now (up to `limit` records), read from the
+/// beginning of each partition without joining a group or committing.
+pub async fn snapshot(
+    kafka: &KafkaSettings,
+    names: &[String],
+    limit: usize,
+) -> Result<Vec<OwnedMessage>, ReplayError> {
     let consumer: StreamConsumer = crate::kafka::client_config(kafka)
-        .set("group.id", format!("{}-dlq-list", kafka.group_id))
+        .set("group.id", format!("{}-snapshot", kafka.group_id))
         .set("enable.auto.commit", "false")
         .create()?;
-    let metadata = consumer.fetch_metadata(Some(&dlq), Duration::from_secs(10))?;
     let mut assignment = rdkafka::TopicPartitionList::new();
-    let mut targets: HashMap<i32, i64> = HashMap::new();
-    for t in metadata.topics() {
-        if t.error().is_some() || t.partitions().is_empty() {
-            return Err(ReplayError::NotAssigned(dlq));
-        }
-        for p in t.partitions() {
-            let (low, high) = consumer.fetch_watermarks(&dlq, p.id(), Duration::from_secs(10))?;
-            if high > low {
-                targets.insert(p.id(), high);
-                assignment.add_partition_offset(&dlq, p.id(), rdkafka::Offset::Offset(low))?;
+    let mut targets: HashMap<(String, i32), i64> = HashMap::new();
+    for name in names {
+        let metadata = consumer.fetch_metadata(Some(name), Duration::from_secs(10))?;
+        for t in metadata.topics() {
+            if t.error().is_some() || t.partitions().is_empty() {
+                return Err(ReplayError::NotAssigned(name.clone()));
+            }
+            for p in t.partitions() {
+                let (low, high) = consumer.fetch_watermarks(name, p.id(), Duration::from_secs(10))?;
+                if high > low {
+                    targets.insert((name.clone(), p.id()), high);
+                    assignment.add_partition_offset(name, p.id(), rdkafka::Offset::Offset(low))?;
+                }
             }
         }
     }
-    let mut letters = Vec::new();
+    let mut messages = Vec::new();
     if targets.is_empty() {
-        return Ok(letters);
+        return Ok(messages);
     }
     consumer.assign(&assignment)?;
-    let mut done: HashMap<i32, bool> = targets.keys().map(|&p| (p, false)).collect();
-    while letters.len() < limit && done.values().any(|d| !d) {
+    while messages.len() < limit && !targets.is_empty() {
         let Ok(message) = tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await else {
             break;
         };
         let message = message?;
-        let headers = message
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .filter(|h| h.key.starts_with("dlq."))
-                    .map(|h| {
-                        (
-                            h.key.to_owned(),
-                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        letters.push(Letter {
-            partition: message.partition(),
-            offset: message.offset(),
-            key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            headers,
-            payload: String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
-        });
+        let key = (message.topic().to_owned(), message.partition());
         if targets
-            .get(&message.partition())
+            .get(&key)
             .is_some_and(|&high| message.offset() + 1 >= high)
         {
-            done.insert(message.partition(), true);
+            targets.remove(&key);
         }
+        messages.push(message.detach());
     }
-    Ok(letters)
+    Ok(messages)
 }

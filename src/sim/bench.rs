@@ -600,7 +600,8 @@ impl Commands {
             let arrived = arrived.clone();
             tokio::spawn(async move {
                 let mut stream = consumer.stream();
-                while let Some(Ok(m)) = stream.next().await {
+                while let Some(received) = stream.next().await {
+                    let Ok(m) = received else { continue };
                     let now = Instant::now();
                     if let Some(key) = m.key() {
                         arrived

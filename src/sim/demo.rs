@@ -192,7 +192,12 @@ fn observe(
                 _ = stop.wait_for(|s| *s) => break,
                 m = stream.next() => m,
             };
-            let Some(Ok(m)) = message else { break };
+            let m = match message {
+                None => break,
+                // librdkafka recovers from errors (a broker away) on its own.
+                Some(Err(_)) => continue,
+                Some(Ok(m)) => m,
+            };
             let produced_ms = match m.timestamp() {
                 KafkaTimestamp::CreateTime(ms) | KafkaTimestamp::LogAppendTime(ms) => Some(ms),
                 KafkaTimestamp::NotAvailable => None,

@@ -27,15 +27,9 @@ impl EmbeddedKafka {
 
     /// Every consumed, dead-letter and published topic, under `prefix`.
     pub fn create_topics(&self, prefix: &str, partitions: i32) -> rdkafka::error::KafkaResult<()> {
-        for topic in topics::CONSUMED {
-            self.cluster
-                .create_topic(&format!("{prefix}{topic}"), partitions, 1)?;
-            self.cluster
-                .create_topic(&format!("{prefix}{topic}{}", topics::DLQ_SUFFIX), 1, 1)?;
-        }
-        for topic in topics::PUBLISHED {
-            self.cluster
-                .create_topic(&format!("{prefix}{topic}"), partitions, 1)?;
+        for (topic, dead_letters) in topics::every_topic() {
+            let n = if dead_letters { 1 } else { partitions };
+            self.cluster.create_topic(&format!("{prefix}{topic}"), n, 1)?;
         }
         Ok(())
     }

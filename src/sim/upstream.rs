@@ -182,13 +182,7 @@ pub fn validation_errors(
     }
 }
 
-/// The phase a command topic starts, if it is a pipeline command.
+/// The phase a command topic starts, if it is a pipeline command (not student matching).
 pub fn phase_of_command(topic: &str) -> Option<PhaseName> {
-    match topic {
-        topics::SPELLCHECK_COMMAND => Some(PhaseName::Spellcheck),
-        topics::NLP_COMMAND => Some(PhaseName::Nlp),
-        topics::CJ_ASSESSMENT_COMMAND => Some(PhaseName::CjAssessment),
-        topics::AI_FEEDBACK_COMMAND => Some(PhaseName::AiFeedback),
-        _ => None,
-    }
+    topics::phase_of_command(topic).filter(|&phase| phase != PhaseName::StudentMatching)
 }

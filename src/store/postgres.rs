@@ -152,29 +152,14 @@ impl BatchColumns {
 
 impl PgRepository {
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self, ConnectError> {
-        let url = settings.url.expose();
-        let target = target_of(url);
-        let fail = |source: sqlx::Error| ConnectError {
-            target: target.clone(),
-            reason: describe_connect_error(&source),
-            source,
-        };
-        let options: PgConnectOptions = url.parse().map_err(fail)?;
         let timeout_ms = settings.statement_timeout.as_millis().to_string();
-        let options = options.options([("statement_timeout", timeout_ms.as_str())]);
-        // Connect once directly: a pool hides why a connection failed behind a timeout.
-        let probe = sqlx::ConnectOptions::connect(&options);
-        match tokio::time::timeout(settings.acquire_timeout, probe).await {
-            Ok(Ok(conn)) => drop(conn),
-            Ok(Err(e)) => return Err(fail(e)),
-            Err(_) => return Err(fail(sqlx::Error::PoolTimedOut)),
-        }
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections)
-            .acquire_timeout(settings.acquire_timeout)
-            // No ping on every acquire: a broken connection fails its query and is replaced.
-            .test_before_acquire(false)
-            .connect_lazy_with(options);
+        let pool = open_pool(
+            settings.url.expose(),
+            &[("statement_timeout", timeout_ms.as_str())],
+            settings.max_connections,
+            settings.acquire_timeout,
+        )
+        .await?;
         Ok(Self::from_pool(pool))
     }
 
@@ -542,6 +527,36 @@ impl PgRepository {
         tx.commit().await.map_err(StoreError::from)?;
         Ok(committed)
     }
+}
+
+/// A pool on `url` with the session `options`, after one direct connection:
+/// a pool hides why a connection failed behind a timeout, this says it.
+pub async fn open_pool(
+    url: &str,
+    options: &[(&str, &str)],
+    max_connections: u32,
+    acquire_timeout: Duration,
+) -> Result<PgPool, ConnectError> {
+    let target = target_of(url);
+    let fail = |source: sqlx::Error| ConnectError {
+        target: target.clone(),
+        reason: describe_connect_error(&source),
+        source,
+    };
+    let parsed: PgConnectOptions = url.parse().map_err(fail)?;
+    let parsed = parsed.options(options.iter().copied());
+    let probe = sqlx::ConnectOptions::connect(&parsed);
+    match tokio::time::timeout(acquire_timeout, probe).await {
+        Ok(Ok(conn)) => drop(conn),
+        Ok(Err(e)) => return Err(fail(e)),
+        Err(_) => return Err(fail(sqlx::Error::PoolTimedOut)),
+    }
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(acquire_timeout)
+        // No ping on every acquire: a broken connection fails its query and is replaced.
+        .test_before_acquire(false)
+        .connect_lazy_with(parsed))
 }
 
 /// `host:port/database` of a URL, for messages (never the credentials).

@@ -65,6 +65,9 @@ async fn applying_broker_faults<T>(
         tokio::select! {
             out = &mut work => return out,
             Some((down, errors)) = faults.recv() => {
+                if std::env::var_os("BOS_FAULT_TRACE").is_some() {
+                    eprintln!("broker {}", if down { "down" } else { "up" });
+                }
                 if down {
                     mock.broker_down(1).unwrap();
                 } else {
@@ -352,6 +355,7 @@ async fn scenario(name: &str, faults: Faults) -> Report {
             let mut problems = Vec::new();
             let mut extra: Option<BosProcess> = None;
             let mut db_restarts = 0;
+            let mut broker_outages = 0;
             loop {
                 let pause = if rounds == 0 {
                     Duration::from_millis(1_500)
@@ -372,6 +376,8 @@ async fn scenario(name: &str, faults: Faults) -> Report {
                 }
                 if faults.graceful_stops {
                     let i = (rng.next() as usize) % procs.len();
+                    // A running worker, mid-flight (one restarted a moment ago may still be starting).
+                    let _ = procs[i].ready(Duration::from_secs(20)).await;
                     procs[i].signal("TERM");
                     match procs[i].wait(Duration::from_secs(40)).await {
                         Some(status) if status.success() => {
@@ -404,11 +410,17 @@ async fn scenario(name: &str, faults: Faults) -> Report {
                     }
                 }
                 if faults.broker_outage {
-                    // Shorter, then longer than the producers' message timeout (5 s).
-                    let outage = if rounds % 2 == 1 { 2 } else { 8 };
-                    let _ = broker_tx.send((true, None));
-                    tokio::time::sleep(Duration::from_secs(outage)).await;
-                    let _ = broker_tx.send((false, Some(vec![RDKafkaApiKey::Produce, RDKafkaApiKey::Fetch, RDKafkaApiKey::OffsetCommit])));
+                    // Two outages, shorter and then longer than the producers'
+                    // message timeout (5 s); every round, errors on produce,
+                    // fetch and commit requests.
+                    let errors = Some(vec![RDKafkaApiKey::Produce, RDKafkaApiKey::Fetch, RDKafkaApiKey::OffsetCommit]);
+                    if broker_outages < 2 {
+                        let outage = if broker_outages == 0 { 2 } else { 8 };
+                        let _ = broker_tx.send((true, None));
+                        tokio::time::sleep(Duration::from_secs(outage)).await;
+                        broker_outages += 1;
+                    }
+                    let _ = broker_tx.send((false, errors));
                     count += 1;
                 }
                 if faults.rebalance {

@@ -445,7 +445,9 @@ async fn a_fatal_producer_error_replaces_the_producer_and_the_outbox_drains() {
 }
 
 /// With the broker gone, the consumer's errors are written once per interval
-/// (not every 100 ms) and /readyz answers 503; once it is back, 200.
+/// (not every 100 ms) and /readyz answers 503; once it is back, 200, and
+/// records are consumed again (errors queued during the outage do not hold
+/// the consumer's polls back).
 #[tokio::test]
 async fn a_broker_outage_is_logged_once_per_interval_and_not_ready() {
     let cluster = Cluster::start().await;
@@ -474,6 +476,21 @@ async fn a_broker_outage_is_logged_once_per_interval_and_not_ready() {
     assert!(during.len() <= 12, "at most a line per client and interval, got {}: {during:#?}", during.len());
     mock.cluster().broker_up(1).unwrap();
     eventually(Duration::from_secs(30), "ready again", || status(bos.http.clone(), 200)).await;
+    // And it consumes again: a record sent now is decided (here: dead-lettered).
+    let up = crate::support::kafka::Upstream::new(&kafka);
+    up.send_raw(bos::contracts::topics::PHASE_OUTCOME, "k", b"not json", &[]).await;
+    let pool = database.pool.clone();
+    eventually(Duration::from_secs(30), "the record after the outage is decided", || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM event_outbox")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                == 1
+        }
+    })
+    .await;
     bos.signal("TERM");
     let status = bos.wait(Duration::from_secs(30)).await.expect("exits after SIGTERM");
     assert!(status.success(), "{status}");

@@ -14,4 +14,5 @@ mod repository;
 mod liveness;
 mod ops;
 mod parity;
+mod switchover;
 mod worker;

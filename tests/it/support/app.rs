@@ -152,7 +152,7 @@ pub struct BosProcess {
     pub child: Child,
     pub http: String,
     pub name: String,
-    pub command: String,
+    pub args: Vec<String>,
     pub env: HashMap<String, String>,
     log: Arc<Mutex<Vec<String>>>,
     reader: Option<tokio::task::JoinHandle<()>>,
@@ -184,13 +184,18 @@ pub fn environment(kafka: &KafkaSettings, database_url: &str) -> HashMap<String,
 impl BosProcess {
     /// Starts `bos <command>` with `env` (and nothing else but PATH).
     pub fn start(name: &str, command: &str, env: &HashMap<String, String>) -> Self {
+        Self::start_with_args(name, &[command], env)
+    }
+
+    /// Starts `bos <args…>` with `env` (and nothing else but PATH).
+    pub fn start_with_args(name: &str, args: &[&str], env: &HashMap<String, String>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_bos"))
-            .arg(command)
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(env)
@@ -219,7 +224,7 @@ impl BosProcess {
             child,
             http: format!("http://127.0.0.1:{port}"),
             name: name.to_owned(),
-            command: command.to_owned(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
             env: env.clone(),
             log,
             reader,
@@ -228,7 +233,8 @@ impl BosProcess {
 
     /// A new process with the same command and environment (after a kill).
     pub fn restart(&self) -> Self {
-        Self::start(&self.name, &self.command, &self.env)
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        Self::start_with_args(&self.name, &args, &self.env)
     }
 
     /// Whether the process has exited (and how).

@@ -79,14 +79,10 @@ impl Cluster {
             .set("bootstrap.servers", &self.bootstrap)
             .create()
             .unwrap();
-        let mut names: Vec<(String, i32)> = Vec::new();
-        for t in topics::CONSUMED {
-            names.push((format!("{prefix}{t}"), partitions));
-            names.push((format!("{prefix}{t}{}", topics::DLQ_SUFFIX), 1));
-        }
-        for t in topics::PUBLISHED {
-            names.push((format!("{prefix}{t}"), partitions));
-        }
+        let names: Vec<(String, i32)> = topics::every_topic()
+            .into_iter()
+            .map(|(t, dead_letters)| (format!("{prefix}{t}"), if dead_letters { 1 } else { partitions }))
+            .collect();
         let new: Vec<NewTopic> = names
             .iter()
             .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1)))
@@ -282,7 +278,13 @@ impl Observer {
                     _ = stopped.changed() => break,
                     m = stream.next() => m,
                 };
-                let Some(Ok(m)) = m else { break };
+                // Errors (a broker away) are reported and recovered from by
+                // librdkafka; only the end of the stream ends the observer.
+                let m = match m {
+                    None => break,
+                    Some(Err(_)) => continue,
+                    Some(Ok(m)) => m,
+                };
                 let raw = m.payload().unwrap_or_default().to_vec();
                 let headers = m
                     .headers()
