@@ -25,7 +25,9 @@
 //! - [`http`], [`health`], [`metrics`], [`credits`], [`config`], [`telemetry`],
 //!   [`app`]: the edges; [`app::Application`] wires them for every entry point.
 //! - [`ops`]: operator commands (batch, outbox and dead-letter inspection,
-//!   replay, the import from the original service, the shadow report).
+//!   replay).
+//! - [`legacy`]: replacing the original service: the import of its in-flight
+//!   state and the comparison of a shadow run with it.
 //! - [`sim`]: the demo, the benchmark and the simulated upstream services —
 //!   not part of the worker.
 

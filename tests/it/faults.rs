@@ -204,7 +204,6 @@ impl Workload {
                     // A late copy under a new event id: stale or out of state.
                     self.event(topics::PHASE_OUTCOME, &batch, outcome).await;
                 }
-                let _ = PhaseName::Spellcheck;
             } else if m.topic == topics::STUDENT_MATCHING_COMMAND {
                 let class = class_id.unwrap_or_default();
                 let ids: Vec<String> = essays.iter().map(|e| e.essay_id.clone()).collect();
@@ -238,6 +237,34 @@ struct Report {
     republished: usize,
     letters: usize,
     problems: Vec<String>,
+}
+
+/// Where a batch stands, for a failure message: its state, its outbox rows and
+/// the events it consumed.
+async fn explain(repo: &Arc<dyn Repository>, pool: &sqlx::PgPool, batch: &str) -> String {
+    let state = match repo.get_batch(batch).await {
+        Ok(Some(b)) => format!(
+            "status {} run {:?} phases {:?}",
+            b.status,
+            b.orchestration.current_run.as_ref().map(|r| (r.requested_pipeline, r.current, &r.phases)),
+            [PhaseName::Spellcheck, PhaseName::Nlp, PhaseName::CjAssessment, PhaseName::AiFeedback, PhaseName::StudentMatching]
+                .map(|p| (p, b.pipeline.phase(p).status)),
+        ),
+        other => format!("{other:?}"),
+    };
+    let outbox: Vec<String> = repo
+        .outbox_rows(Some(batch))
+        .await
+        .map(|rows| rows.iter().map(|r| format!("{}@{}", r.topic, r.published_at.is_some())).collect())
+        .unwrap_or_default();
+    let inbox: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT topic, count(*) FROM processed_events WHERE batch_id = $1 GROUP BY topic ORDER BY topic",
+    )
+    .bind(batch)
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    format!("{state}; outbox {outbox:?}; inbox {inbox:?}")
 }
 
 /// Retries a database read while the faults run.
@@ -465,7 +492,10 @@ async fn scenario(name: &str, faults: Faults) -> Report {
         w.requests.keys().filter(|c| !answered.contains(c)).count()
             + w.batches.values().map(|b| b.2.len()).sum::<usize>()
     };
+    // Faults go on while work is in flight, but not for ever: once the
+    // workload is out, at most another minute of them, then the system settles.
     let deadline = Instant::now() + Duration::from_secs(420);
+    let mut workload_sent: Option<Instant> = None;
     loop {
         // Broker faults are applied while the upstream's sends wait for the
         // broker: the mock cluster lives in this task.
@@ -495,8 +525,12 @@ async fn scenario(name: &str, faults: Faults) -> Report {
         if std::env::var_os("BOS_FAULT_TRACE").is_some() {
             eprintln!("{:>6.1}s sent {} seen {} due {due}", started.elapsed().as_secs_f64(), w.events, seen.len());
         }
-        if next >= ids.len() && due == 0 && *rounds_rx.borrow() >= min_rounds {
-            break;
+        let enough_faults = *rounds_rx.borrow() >= min_rounds;
+        if next >= ids.len() {
+            let sent = *workload_sent.get_or_insert_with(Instant::now);
+            if enough_faults && (due == 0 || sent.elapsed() > Duration::from_secs(60)) {
+                break;
+            }
         }
         if Instant::now() > deadline {
             break;
@@ -586,7 +620,7 @@ async fn scenario(name: &str, faults: Faults) -> Report {
             1 => {}
             0 => {
                 report.lost += 1;
-                problems.push(format!("request {correlation} of batch {batch} never answered"));
+                problems.push(format!("request {correlation} of batch {batch} never answered: {}", explain(&repo, &database.pool, batch).await));
             }
             n => problems.push(format!("request {correlation} answered {n} times")),
         }
