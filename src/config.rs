@@ -251,13 +251,13 @@ pub struct ConsumerSettings {
 impl Default for ConsumerSettings {
     fn default() -> Self {
         Self {
-            max_batch: 256,
+            max_batch: 128,
             max_conflict_retries: 5,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
-            partition_buffer: 1024,
+            partition_buffer: 512,
         }
     }
 }

@@ -29,7 +29,9 @@ struct State {
     topics_unchecked: Option<String>,
     consumer_last_turn: Option<Instant>,
     partitions: BTreeMap<(String, i32), Partition>,
-    relay_pass_started: Option<Instant>,
+    /// Start times of the relay passes in flight (a pass's settling overlaps
+    /// the next pass), oldest first.
+    relay_passes: std::collections::VecDeque<Instant>,
 }
 
 #[derive(Debug)]
@@ -129,11 +131,11 @@ impl Health {
     }
 
     pub fn relay_pass_started(&self) {
-        self.state().relay_pass_started = Some(Instant::now());
+        self.state().relay_passes.push_back(Instant::now());
     }
 
     pub fn relay_pass_ended(&self) {
-        self.state().relay_pass_started = None;
+        self.state().relay_passes.pop_front();
     }
 
     /// The checks that need no I/O.
@@ -190,7 +192,8 @@ impl Health {
             });
         }
         let wedged = state
-            .relay_pass_started
+            .relay_passes
+            .front()
             .is_some_and(|t| t.elapsed() > self.stall_timeout);
         checks.push(Check {
             name: "relay",

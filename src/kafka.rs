@@ -56,8 +56,12 @@ pub fn consumer_config(kafka: &KafkaSettings) -> ClientConfig {
             ("topic.metadata.refresh.interval.ms", "10000"),
             // Low per-hop latency: do not let the broker sit on a fetch.
             ("fetch.wait.max.ms", "10"),
-            // Bounded memory: at most this much prefetched per consumer.
-            ("queued.max.messages.kbytes", "8192"),
+            // Bounded memory: at most this much prefetched per partition (a
+            // poll applies a few hundred records; more prefetch only costs RSS).
+            ("queued.max.messages.kbytes", "2048"),
+            // …and fetching resumes soon after the queue drains (the default
+            // waits a whole second).
+            ("fetch.queue.backoff.ms", "10"),
         ],
     );
     config

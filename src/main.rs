@@ -181,7 +181,9 @@ struct BenchArgs {
     /// Events of the throughput test.
     #[arg(long, default_value_t = 20_000)]
     events: usize,
-    #[arg(long, default_value_t = 4)]
+    /// Partitions of every topic: the worker applies this many polls at once.
+    /// (The mock cluster keeps 5 MB per partition: events × 1.3 kB / partitions must stay below.)
+    #[arg(long, default_value_t = 6)]
     partitions: i32,
     /// Rates (events/s) of the latency tests.
     #[arg(long, value_delimiter = ',', default_value = "1000,100")]

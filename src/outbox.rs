@@ -171,6 +171,15 @@ impl Relay {
 
     /// One claim → produce → settle pass.
     pub async fn publish_once(&self) -> StoreResult<Pass> {
+        match self.deliver().await? {
+            Some(delivered) => self.settle(delivered).await,
+            None => Ok(Pass::default()),
+        }
+    }
+
+    /// Claims rows and publishes them, up to their acknowledgements; `None`
+    /// when there was nothing to claim.
+    async fn deliver(&self) -> StoreResult<Option<Delivered>> {
         let started = Instant::now();
         let pass_started = chrono::Utc::now();
         let rows = self
@@ -178,7 +187,7 @@ impl Relay {
             .claim_outbox(self.id, self.settings.batch_size, self.settings.lease)
             .await?;
         if rows.is_empty() {
-            return Ok(Pass::default());
+            return Ok(None);
         }
         self.metrics.stage("claimed", started.elapsed());
         for row in &rows {
@@ -186,15 +195,12 @@ impl Relay {
             self.metrics.stage("relay_woke", waited);
         }
         self.health.relay_pass_started();
-        let result = self.publish_rows(&rows).await;
-        self.health.relay_pass_ended();
-        self.metrics
-            .relay_pass_seconds
-            .observe(started.elapsed().as_secs_f64());
-        result
+        let mut delivered = self.publish_rows(&rows).await;
+        delivered.started = started;
+        Ok(Some(delivered))
     }
 
-    async fn publish_rows(&self, rows: &[OutboxRow]) -> StoreResult<Pass> {
+    async fn publish_rows(&self, rows: &[OutboxRow]) -> Delivered {
         // Keep the lease while the acknowledgements come in.
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let (done_tx, mut done_rx) = watch::channel(false);
@@ -303,13 +309,40 @@ impl Relay {
                 Err((_, false)) => released.push(row.id),
             }
         }
+        Delivered {
+            claimed: rows.len(),
+            published,
+            failed,
+            released,
+            stop_renewing: done_tx,
+            renewer,
+            started: Instant::now(),
+        }
+    }
+
+    /// Records what a pass delivered (only rows this relay still holds), and
+    /// lets go of their lease.
+    async fn settle(&self, d: Delivered) -> StoreResult<Pass> {
+        let Delivered {
+            claimed,
+            published,
+            failed,
+            released,
+            stop_renewing,
+            renewer,
+            started,
+        } = d;
         let marking = Instant::now();
         let settled = self
             .repo
             .settle_outbox(self.id, &published, &failed, &released)
             .await;
-        let _ = done_tx.send(true);
+        let _ = stop_renewing.send(true);
         let _ = renewer.await;
+        self.health.relay_pass_ended();
+        self.metrics
+            .relay_pass_seconds
+            .observe(started.elapsed().as_secs_f64());
         let settled = settled?;
         self.metrics.stage("marked", marking.elapsed());
         let expected = (published.len() + failed.len() + released.len()) as u64;
@@ -323,7 +356,7 @@ impl Relay {
         self.metrics.relay_published.inc_by(published.len() as u64);
         self.metrics.relay_failures.inc_by(failed.len() as u64);
         Ok(Pass {
-            claimed: rows.len(),
+            claimed,
             published: published.len(),
             failed: failed.len(),
         })
@@ -336,13 +369,24 @@ impl Relay {
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let mut errors = 0u32;
+        // The previous pass's settling runs while the next pass claims and
+        // publishes (its rows stay leased, and a key's later rows wait for its
+        // earlier ones to be marked, so order holds).
+        let mut settling: Option<std::pin::Pin<Box<dyn std::future::Future<Output = StoreResult<Pass>> + Send + '_>>> = None;
         while !*shutdown.borrow() {
             // A pass in flight when shutdown comes gets a few seconds to finish
             // (deliveries to a missing topic never would); an abandoned pass's
             // rows are published again once their lease runs out, same ids.
             let mut stopping = shutdown.clone();
-            let pass = tokio::select! {
-                r = self.publish_once() => r,
+            let previous = settling.take();
+            let step = async {
+                match previous {
+                    Some(settle) => tokio::join!(settle, self.deliver()),
+                    None => (Ok(Pass::default()), self.deliver().await),
+                }
+            };
+            let (settled, delivered) = tokio::select! {
+                r = step => r,
                 () = async {
                     crate::signal::stopped(&mut stopping).await;
                     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -351,13 +395,17 @@ impl Relay {
                     break;
                 }
             };
-            match pass {
-                Ok(pass) => {
+            if let Err(e) = settled {
+                errors += 1;
+                self.errors.warn(&format!("settling an outbox pass failed: {e}"));
+            }
+            match delivered {
+                Ok(Some(delivered)) => {
                     errors = 0;
-                    if pass.claimed > 0 {
-                        continue;
-                    }
+                    settling = Some(Box::pin(self.settle(delivered)));
+                    continue;
                 }
+                Ok(None) => {}
                 Err(e) => {
                     errors += 1;
                     self.errors.warn(&format!("outbox pass failed: {e}"));
@@ -377,9 +425,26 @@ impl Relay {
                 () = tokio::time::sleep(wait) => {}
             }
         }
+        if let Some(settle) = settling {
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), settle).await {
+                tracing::warn!(error = %e, "settling the last outbox pass failed; its rows are published again later");
+            }
+        }
         self.producer.flush(Duration::from_secs(5));
         Ok(())
     }
+}
+
+/// A pass's rows, delivered or failed, waiting to be settled; their lease is
+/// renewed until then.
+struct Delivered {
+    claimed: usize,
+    published: Vec<Uuid>,
+    failed: Vec<PublishFailure>,
+    released: Vec<Uuid>,
+    stop_renewing: watch::Sender<bool>,
+    renewer: tokio::task::JoinHandle<()>,
+    started: Instant,
 }
 
 /// Backlog figures and purges, on their own timer.

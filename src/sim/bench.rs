@@ -110,6 +110,8 @@ pub struct BenchReport {
     pub events: usize,
     pub partitions: i32,
     pub events_per_s: f64,
+    /// Per stage, from the worker's `bos_stage_seconds` over the throughput test.
+    pub throughput_stages: BTreeMap<String, StageFigures>,
     pub ceiling_events_per_s: f64,
     /// The ceiling by number of connections.
     pub ceiling_by_connections: BTreeMap<String, f64>,
@@ -143,19 +145,13 @@ impl BenchReport {
                 .join(", "),
             self.ceiling_ratio * 100.0,
         );
+        out += &stage_lines(&self.throughput_stages);
         for l in self.latency.values() {
             out += &format!(
                 "latency @{:>5}/s  p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} events)\n",
                 l.rate_per_s, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms, l.events
             );
-            for stage in STAGES {
-                if let Some(s) = l.stages.get(stage) {
-                    out += &format!(
-                        "    {stage:<13} mean {:>6.2} ms  p50 ≤{:>6.2} ms  p99 ≤{:>7.2} ms  ({} obs)\n",
-                        s.mean_ms, s.p50_ms, s.p99_ms, s.observations
-                    );
-                }
-            }
+            out += &stage_lines(&l.stages);
         }
         out += &format!(
             "worker RSS      {:>8.1} MB\nrelay alone     {:>8.0} rows/s\nidle            {:>8.1} queries/min\n\
@@ -168,6 +164,19 @@ impl BenchReport {
         );
         out
     }
+}
+
+fn stage_lines(stages: &BTreeMap<String, StageFigures>) -> String {
+    STAGES
+        .iter()
+        .filter_map(|stage| {
+            let s = stages.get(*stage)?;
+            Some(format!(
+                "    {stage:<13} mean {:>6.2} ms  p50 ≤{:>6.2} ms  p99 ≤{:>7.2} ms  ({} obs)\n",
+                s.mean_ms, s.p50_ms, s.p99_ms, s.observations
+            ))
+        })
+        .collect()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -568,6 +577,14 @@ impl Scrape {
     }
 }
 
+/// Every stage's figures between two scrapes.
+fn stages(before: &Scrape, after: &Scrape) -> BTreeMap<String, StageFigures> {
+    STAGES
+        .iter()
+        .map(|s| ((*s).to_owned(), Scrape::stage(before, after, s)))
+        .collect()
+}
+
 // ------------------------------------------------------------ Kafka
 
 /// Reads the `nlp` command topic from the start: when each batch's command arrived.
@@ -893,6 +910,19 @@ async fn drained(conn: &mut PgConnection, within: Duration) -> anyhow::Result<Du
     Ok(started.elapsed())
 }
 
+/// Every measured phase starts from the same state: dead rows vacuumed,
+/// statistics fresh, dirty pages written.
+async fn settle_database(conn: &mut PgConnection) {
+    for statement in [
+        "VACUUM (ANALYZE) batches, batch_essays, event_outbox, processed_events, phase_status_log",
+        "CHECKPOINT",
+    ] {
+        if let Err(e) = sqlx::query(statement).execute(&mut *conn).await {
+            eprintln!("bench: `{statement}` failed ({e}); measuring anyway");
+        }
+    }
+}
+
 async fn transactions(conn: &mut PgConnection, database: &str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(
         "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = $1",
@@ -986,10 +1016,16 @@ async fn run_on(options: &BenchOptions, scratch: &ScratchDatabase) -> anyhow::Re
         ("BOS_KAFKA_TOPIC_PREFIX", kafka.topic_prefix.clone()),
         ("BOS_KAFKA_GROUP_ID", kafka.group_id.clone()),
         ("BOS_LIBRDKAFKA_LOG_LEVEL", "3".to_owned()),
+        // The mock cluster answers a fetch that finds no data only after its
+        // whole fetch.wait.max.ms (a broker answers as soon as data arrives):
+        // the shortest wait keeps that artefact out of the hop.
+        ("BOS_LIBRDKAFKA_FETCH_WAIT_MAX_MS", "1".to_owned()),
         ("RUST_LOG", "warn".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
+    // Settings for the worker and relay processes pass through (BOS__CONSUMER__MAX_BATCH=…).
+    .chain(std::env::vars().filter(|(k, _)| k.starts_with("BOS__") || k.starts_with("BOS_LIBRDKAFKA_") || k.starts_with("MALLOC_")))
     .collect();
     let mut worker = Process::start(options, "run", &env)?;
     worker
@@ -1004,7 +1040,9 @@ async fn run_on(options: &BenchOptions, scratch: &ScratchDatabase) -> anyhow::Re
     let producer = producer(&kafka)?;
     let outcome_topic = kafka.topic(topics::PHASE_OUTCOME);
     let throughput_events: Vec<Prepared> = worker_events.drain(..options.events).collect();
+    settle_database(&mut probe).await;
     progress(&format!("throughput: {} events", options.events));
+    let before = Scrape::parse(&worker.metrics().await?);
     let started = Instant::now();
     for p in &throughput_events {
         enqueue(&producer, &outcome_topic, p)?;
@@ -1014,6 +1052,8 @@ async fn run_on(options: &BenchOptions, scratch: &ScratchDatabase) -> anyhow::Re
         .await?;
     let events_per_s = options.events as f64 / started.elapsed().as_secs_f64();
     drained(&mut probe, Duration::from_secs(60)).await?;
+    let after = Scrape::parse(&worker.metrics().await?);
+    let throughput_stages = stages(&before, &after);
 
     // -------- latency
     let mut latency = BTreeMap::new();
@@ -1050,10 +1090,7 @@ async fn run_on(options: &BenchOptions, scratch: &ScratchDatabase) -> anyhow::Re
             })
             .collect();
         samples.sort_by(f64::total_cmp);
-        let stages = STAGES
-            .iter()
-            .map(|s| ((*s).to_owned(), Scrape::stage(&before, &after, s)))
-            .collect();
+        let stages = stages(&before, &after);
         latency.insert(
             rate.to_string(),
             LatencyFigures {
@@ -1117,6 +1154,7 @@ async fn run_on(options: &BenchOptions, scratch: &ScratchDatabase) -> anyhow::Re
             options.ceiling_events
         ));
         let events = preload(&repo, &rules, options.ceiling_events).await?;
+        settle_database(&mut probe).await;
         let rate = ceiling(&scratch.url, events, connections, options.per_commit).await?;
         ceiling_by_connections.insert(connections.to_string(), rate);
     }
@@ -1132,6 +1170,7 @@ async fn run_on(options: &BenchOptions, scratch: &ScratchDatabase) -> anyhow::Re
         events: options.events,
         partitions: options.partitions,
         events_per_s,
+        throughput_stages,
         ceiling_events_per_s,
         ceiling_by_connections,
         ceiling_ratio: events_per_s / ceiling_events_per_s,

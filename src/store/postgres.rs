@@ -370,11 +370,6 @@ impl PgRepository {
             .collect();
         if !changed.is_empty() {
             let ids: Vec<&str> = changed.iter().map(|w| w.batch.id.as_str()).collect();
-            sqlx::query("DELETE FROM batch_essays WHERE batch_id = ANY($1)")
-                .bind(&ids)
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::from)?;
             let (mut batch, mut essay, mut text, mut corrected, mut position) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for w in &changed {
@@ -386,9 +381,27 @@ impl PgRepository {
                     position.push(i32::try_from(i).unwrap_or(i32::MAX));
                 }
             }
+            // Essays no longer in their batch go; the rest are written in
+            // place (a corrected text id is an update of one row, not a
+            // delete and an insert with their index entries).
             sqlx::query(
-                "INSERT INTO batch_essays (batch_id, essay_id, text_storage_id, corrected_text_storage_id, position) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])",
+                "DELETE FROM batch_essays e WHERE e.batch_id = ANY($1) AND NOT EXISTS ( \
+                   SELECT 1 FROM UNNEST($2::text[], $3::text[]) AS k(batch_id, essay_id) \
+                   WHERE k.batch_id = e.batch_id AND k.essay_id = e.essay_id)",
+            )
+            .bind(&ids)
+            .bind(&batch)
+            .bind(&essay)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+            sqlx::query(
+                "INSERT INTO batch_essays AS e (batch_id, essay_id, text_storage_id, corrected_text_storage_id, position) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int[]) \
+                 ON CONFLICT (batch_id, essay_id) DO UPDATE SET text_storage_id = excluded.text_storage_id, \
+                   corrected_text_storage_id = excluded.corrected_text_storage_id, position = excluded.position \
+                 WHERE (e.text_storage_id, e.corrected_text_storage_id, e.position) \
+                   IS DISTINCT FROM (excluded.text_storage_id, excluded.corrected_text_storage_id, excluded.position)",
             )
             .bind(&batch)
             .bind(&essay)
