@@ -81,9 +81,7 @@ impl Builder {
     }
 
     pub async fn build(self, role: Role) -> anyhow::Result<Application> {
-        let settings = self
-            .settings
-            .context("the builder needs settings")?;
+        let settings = self.settings.context("the builder needs settings")?;
         settings.validate()?;
         let metrics = Arc::new(Metrics::new());
         let (repo, pool) = match self.repo {
@@ -218,7 +216,10 @@ impl Application {
     }
 
     /// Runs until `shutdown` turns true or a task ends on its own.
-    pub async fn run_until_stopped(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
         let (stop_tx, stop) = watch::channel(false);
         let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
         let state = self.state();

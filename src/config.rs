@@ -659,11 +659,15 @@ impl Settings {
         }
         let mut overrides = Overrides { values: Vec::new() };
         legacy_overrides(&vars, &mut overrides);
-        let mut nested: Vec<(&String, &String)> =
-            vars.iter().filter(|(k, _)| k.starts_with("BOS__")).collect();
+        let mut nested: Vec<(&String, &String)> = vars
+            .iter()
+            .filter(|(k, _)| k.starts_with("BOS__"))
+            .collect();
         nested.sort();
         for (name, value) in nested {
-            let key = name["BOS__".len()..].to_ascii_lowercase().replace("__", ".");
+            let key = name["BOS__".len()..]
+                .to_ascii_lowercase()
+                .replace("__", ".");
             overrides.set(&key, value.clone(), name.clone());
         }
         for (name, key) in OPERATOR_NAMES {
@@ -752,7 +756,10 @@ impl Settings {
         }
         let positive = [
             ("database.acquire_timeout", self.database.acquire_timeout),
-            ("database.statement_timeout", self.database.statement_timeout),
+            (
+                "database.statement_timeout",
+                self.database.statement_timeout,
+            ),
             ("consumer.backoff_initial", self.consumer.backoff_initial),
             ("consumer.backoff_max", self.consumer.backoff_max),
             ("consumer.stall_timeout", self.consumer.stall_timeout),
@@ -761,9 +768,18 @@ impl Settings {
             ("relay.retry_initial", self.relay.retry_initial),
             ("relay.retry_max", self.relay.retry_max),
             ("relay.lease", self.relay.lease),
-            ("relay.housekeeping_interval", self.relay.housekeeping_interval),
-            ("kafka.topic_check_interval", self.kafka.topic_check_interval),
-            ("credits.entitlements.timeout", self.credits.entitlements.timeout),
+            (
+                "relay.housekeeping_interval",
+                self.relay.housekeeping_interval,
+            ),
+            (
+                "kafka.topic_check_interval",
+                self.kafka.topic_check_interval,
+            ),
+            (
+                "credits.entitlements.timeout",
+                self.credits.entitlements.timeout,
+            ),
         ];
         for (key, value) in positive {
             if value.is_zero() {
@@ -784,7 +800,12 @@ impl Settings {
                 format!("`{}` is not a socket address (host:port)", self.http.addr),
             ));
         }
-        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
             return Err(invalid(
                 "log.level",
                 format!("`{}` is not a log filter", self.log.level),
@@ -911,19 +932,29 @@ mod tests {
         let s = &loaded.settings;
         assert_eq!(s.store.kind, StoreKind::Postgres);
         assert_eq!(s.consumer.max_batch, 32, "environment beats the file");
-        assert_eq!(s.consumer.backoff_max, Duration::from_secs(3), "durations read as text");
+        assert_eq!(
+            s.consumer.backoff_max,
+            Duration::from_secs(3),
+            "durations read as text"
+        );
         assert_eq!(s.relay.lease, Duration::from_secs(45));
         assert_eq!(s.kafka.group_id, "from-file", "the file beats the defaults");
         assert_eq!(s.kafka.topic("x"), "test-x");
         assert_eq!(
-            s.kafka.librdkafka.get("security.protocol").map(String::as_str),
+            s.kafka
+                .librdkafka
+                .get("security.protocol")
+                .map(String::as_str),
             Some("ssl")
         );
         let shown = s.masked().to_string();
         assert!(!shown.contains("hunter2"), "secrets are masked: {shown}");
         assert!(shown.contains("postgres://bos:***@db:5432/bos"));
         assert!(!format!("{s:?}").contains("hunter2"), "and in Debug output");
-        assert_eq!(loaded.sources["consumer.max_batch"], "BOS__CONSUMER__MAX_BATCH");
+        assert_eq!(
+            loaded.sources["consumer.max_batch"],
+            "BOS__CONSUMER__MAX_BATCH"
+        );
         assert_eq!(loaded.sources["database.url"], "DATABASE_URL");
         assert!(loaded.sources["kafka.group_id"].starts_with("file "));
         std::fs::remove_dir_all(dir).unwrap();
@@ -935,11 +966,23 @@ mod tests {
         let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
             (vec![("BOS_STORE", "redis")], "store.kind"),
             (vec![], "database.url"),
-            (vec![memory, ("BOS__CONSUMER__MAX_BATCH", "lots")], "consumer.max_batch"),
-            (vec![memory, ("BOS__CONSUMER__MAX_BATCH", "0")], "consumer.max_batch"),
-            (vec![memory, ("BOS__CONSUMER__BACKOFF_MAX", "soon")], "consumer.backoff_max"),
+            (
+                vec![memory, ("BOS__CONSUMER__MAX_BATCH", "lots")],
+                "consumer.max_batch",
+            ),
+            (
+                vec![memory, ("BOS__CONSUMER__MAX_BATCH", "0")],
+                "consumer.max_batch",
+            ),
+            (
+                vec![memory, ("BOS__CONSUMER__BACKOFF_MAX", "soon")],
+                "consumer.backoff_max",
+            ),
             (vec![memory, ("BOS_HTTP_ADDR", "nowhere")], "http.addr"),
-            (vec![memory, ("BOS__CREDITS__POLICY", "free")], "credits.policy"),
+            (
+                vec![memory, ("BOS__CREDITS__POLICY", "free")],
+                "credits.policy",
+            ),
             (vec![memory, ("BOS_LOG_FORMAT", "xml")], "log.format"),
             (
                 vec![memory, ("BOS_LIBRDKAFKA_ENABLE_AUTO_OFFSET_STORE", "true")],
@@ -954,8 +997,8 @@ mod tests {
             let e = Settings::load(None, vars(&env)).unwrap_err();
             assert_eq!(e.key, key, "{e}");
         }
-        let e = Settings::load(None, vars(&[memory, ("BOS__CONSUMR__MAX_BATCH", "1")]))
-            .unwrap_err();
+        let e =
+            Settings::load(None, vars(&[memory, ("BOS__CONSUMR__MAX_BATCH", "1")])).unwrap_err();
         assert!(e.to_string().contains("consumr"), "typos are named: {e}");
         let e = Settings::load(Some(Path::new("/nonexistent/bos.toml")), vars(&[])).unwrap_err();
         assert_eq!(e.key, "BOS_CONFIG");
@@ -992,13 +1035,25 @@ mod tests {
     #[test]
     fn the_original_services_variables_are_read_and_bos_names_win() {
         let legacy = vars(&[
-            ("BATCH_ORCHESTRATOR_SERVICE_KAFKA_BOOTSTRAP_SERVERS", "kafka:9092"),
-            ("BATCH_ORCHESTRATOR_SERVICE_KAFKA_CONSUMER_GROUP_ID", "bos-group"),
+            (
+                "BATCH_ORCHESTRATOR_SERVICE_KAFKA_BOOTSTRAP_SERVERS",
+                "kafka:9092",
+            ),
+            (
+                "BATCH_ORCHESTRATOR_SERVICE_KAFKA_CONSUMER_GROUP_ID",
+                "bos-group",
+            ),
             ("BATCH_ORCHESTRATOR_SERVICE_PORT", "5001"),
             ("BATCH_ORCHESTRATOR_SERVICE_DB_POOL_SIZE", "7"),
             ("BATCH_ORCHESTRATOR_SERVICE_LOG_LEVEL", "DEBUG"),
-            ("BATCH_ORCHESTRATOR_SERVICE_ENTITLEMENTS_BASE_URL", "http://ent:8083/"),
-            ("BATCH_ORCHESTRATOR_SERVICE_ENTITLEMENTS_HTTP_TIMEOUT_SECONDS", "3"),
+            (
+                "BATCH_ORCHESTRATOR_SERVICE_ENTITLEMENTS_BASE_URL",
+                "http://ent:8083/",
+            ),
+            (
+                "BATCH_ORCHESTRATOR_SERVICE_ENTITLEMENTS_HTTP_TIMEOUT_SECONDS",
+                "3",
+            ),
             ("ENVIRONMENT", "staging"),
             ("HULEEDU_DB_USER", "huleedu_user"),
             ("HULEEDU_DB_PASSWORD", "p@ss word"),
@@ -1009,7 +1064,10 @@ mod tests {
         assert_eq!(s.kafka.bootstrap_servers, "kafka:9092");
         assert_eq!(s.kafka.group_id, "bos-group");
         assert_eq!(s.http.addr, "0.0.0.0:5001");
-        assert_eq!(s.database.max_connections, 17, "pool size plus the default overflow");
+        assert_eq!(
+            s.database.max_connections, 17,
+            "pool size plus the default overflow"
+        );
         assert_eq!(s.log.level, "debug");
         assert_eq!(s.environment, "staging");
         assert_eq!(s.credits.policy, CreditPolicyKind::Entitlements);
@@ -1030,13 +1088,20 @@ mod tests {
             "postgresql+asyncpg://u:p@h:5432/d".into(),
         ));
         let loaded = Settings::load_with_sources(None, both).unwrap();
-        assert_eq!(loaded.settings.kafka.group_id, "bos-own", "bos's own name wins");
+        assert_eq!(
+            loaded.settings.kafka.group_id, "bos-own",
+            "bos's own name wins"
+        );
         assert_eq!(loaded.sources["kafka.group_id"], "BOS_KAFKA_GROUP_ID");
         assert_eq!(
             loaded.settings.database.url.expose(),
             "postgresql://u:p@h:5432/d"
         );
         let testing = Settings::load(None, vars(&[("ENVIRONMENT", "testing")])).unwrap();
-        assert_eq!(testing.store.kind, StoreKind::Memory, "the original's testing mode");
+        assert_eq!(
+            testing.store.kind,
+            StoreKind::Memory,
+            "the original's testing mode"
+        );
     }
 }

@@ -273,17 +273,20 @@ impl Consumer {
             match joined {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => failure = failure.or(Some(e)),
-                Err(e) => failure = failure.or(Some(anyhow::anyhow!("a partition task panicked: {e}"))),
+                Err(e) => {
+                    failure = failure.or(Some(anyhow::anyhow!("a partition task panicked: {e}")));
+                }
             }
         }
         let consumer = shared.consumer.clone();
-        let committed = tokio::task::spawn_blocking(move || {
-            consumer.commit_consumer_state(CommitMode::Sync)
-        })
-        .await;
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
+                .await;
         match committed {
             Ok(Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "final offset commit failed (those records will be read again)"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "final offset commit failed (those records will be read again)");
+            }
             Err(e) => tracing::warn!(error = %e, "final offset commit did not run"),
         }
         match failure {
@@ -330,7 +333,8 @@ async fn partition_task(
                     .observe(fetched.max(0) as f64 / 1000.0);
             }
         }
-        let Some(outcomes) = apply_with_retries(&shared, &key, &records, &mut stop, &mut shutdown).await
+        let Some(outcomes) =
+            apply_with_retries(&shared, &key, &records, &mut stop, &mut shutdown).await
         else {
             // Stopped while retrying: these offsets stay uncommitted and are read again.
             return Ok(());
@@ -415,9 +419,10 @@ fn settle(shared: &Shared, records: &[Record], outcomes: &[Outcome]) {
         }
     }
     if let Some(last) = records.last() {
-        if let Err(e) = shared
-            .consumer
-            .store_offset(&last.source_topic, last.partition, last.offset)
+        if let Err(e) =
+            shared
+                .consumer
+                .store_offset(&last.source_topic, last.partition, last.offset)
         {
             tracing::debug!(error = %e, "offset not stored (partition revoked?)");
         }

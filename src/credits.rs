@@ -63,8 +63,12 @@ pub fn policy(settings: &CreditSettings, metrics: Arc<Metrics>) -> Arc<dyn Credi
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Circuit {
-    Closed { failures: u32 },
-    Open { until: Instant },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// One trial call is out.
     HalfOpen,
 }
@@ -129,7 +133,9 @@ impl Entitlements {
         let mut circuit = self.circuit();
         *circuit = match (*circuit, ok) {
             (_, true) => Circuit::Closed { failures: 0 },
-            (Circuit::Closed { failures }, false) if failures + 1 < self.settings.failure_threshold => {
+            (Circuit::Closed { failures }, false)
+                if failures + 1 < self.settings.failure_threshold =>
+            {
                 Circuit::Closed {
                     failures: failures + 1,
                 }
@@ -146,7 +152,11 @@ impl Entitlements {
         };
     }
 
-    async fn call(&self, query: &CreditQuery, correlation_id: uuid::Uuid) -> Result<CreditVerdict, Unavailable> {
+    async fn call(
+        &self,
+        query: &CreditQuery,
+        correlation_id: uuid::Uuid,
+    ) -> Result<CreditVerdict, Unavailable> {
         if !self.admit() {
             return Err(Unavailable::CircuitOpen);
         }

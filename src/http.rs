@@ -159,7 +159,12 @@ fn validation_error(errors: Vec<crate::domain::FieldError>) -> Response {
 
 /// `Request body must be valid JSON` for an empty body or `{}`, else the parse error.
 fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Box<Response>> {
-    let invalid = || Box::new(error(StatusCode::BAD_REQUEST, "Request body must be valid JSON"));
+    let invalid = || {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "Request body must be valid JSON",
+        ))
+    };
     let value: Value = serde_json::from_slice(body).map_err(|_| invalid())?;
     if value.as_object().is_none_or(serde_json::Map::is_empty) {
         return Err(invalid());
@@ -286,7 +291,11 @@ async fn preflight(
         (status, Json(body.clone())).into_response()
     };
     if resolution.prompt_missing {
-        return denied(&mut body, StatusCode::BAD_REQUEST, denial::PROMPT_NOT_ATTACHED);
+        return denied(
+            &mut body,
+            StatusCode::BAD_REQUEST,
+            denial::PROMPT_NOT_ATTACHED,
+        );
     }
     let verdict = match &resolution.credit_query {
         None => CreditVerdict::Allowed { available: 0 },
@@ -375,8 +384,10 @@ async fn amend_prompt(
         };
         match state.repo.commit(unit).await {
             Ok(c) if c.conflicts.is_empty() && c.missing.is_empty() => {
-                return Json(json!({"status": "success", "batch_id": id, "student_prompt_ref": prompt}))
-                    .into_response()
+                return Json(
+                    json!({"status": "success", "batch_id": id, "student_prompt_ref": prompt}),
+                )
+                .into_response()
             }
             Ok(_) => continue,
             Err(crate::store::CommitError::Store(e)) => return unavailable(&e),
@@ -411,9 +422,19 @@ async fn retry_phase(
         Ok(r) => r,
         Err(response) => return *response,
     };
-    let required = |v: &Option<String>| v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned);
-    let (Some(phase_name), Some(user_id)) = (required(&request.phase_name), required(&request.user_id)) else {
-        return error(StatusCode::BAD_REQUEST, "phase_name and user_id are required");
+    let required = |v: &Option<String>| {
+        v.as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let (Some(phase_name), Some(user_id)) =
+        (required(&request.phase_name), required(&request.user_id))
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "phase_name and user_id are required",
+        );
     };
     let batch = match state.repo.get_batch(&id).await {
         Ok(Some(b)) => b,
@@ -426,7 +447,8 @@ async fn retry_phase(
             &format!("Invalid phase name: {phase_name}"),
         );
     };
-    if phase == PhaseName::CjAssessment && request.essay_ids.as_ref().is_some_and(|e| !e.is_empty()) {
+    if phase == PhaseName::CjAssessment && request.essay_ids.as_ref().is_some_and(|e| !e.is_empty())
+    {
         return error(
             StatusCode::BAD_REQUEST,
             "CJ Assessment requires full batch retry for ranking consistency",
@@ -480,7 +502,10 @@ async fn retry_phase(
         Ok(mut o) => o.remove(0),
         Err(e) => {
             tracing::warn!(error = %e, "retry not applied");
-            return error(StatusCode::SERVICE_UNAVAILABLE, "Retry could not be recorded; try again");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Retry could not be recorded; try again",
+            );
         }
     };
     if let Some(reason) = outcome.denied {
@@ -695,7 +720,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     if let Some(p) = state.repo.pool_status() {
-        state.metrics.db_connections_active.set(i64::from(p.in_use()));
+        state
+            .metrics
+            .db_connections_active
+            .set(i64::from(p.in_use()));
         state.metrics.db_connections_idle.set(i64::from(p.idle));
     }
     (

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::{ClientConfig, TopicPartitionList};
 use tokio::sync::mpsc;
 
@@ -115,7 +115,13 @@ pub struct ConsumerEvents {
 /// librdkafka's own log lines: warnings and worse at most once per interval
 /// (a broker that is down is reported by every broker thread, every few ms),
 /// the rest at debug level.
-fn client_log(throttle: &Throttled, client: &str, level: RDKafkaLogLevel, fac: &str, message: &str) {
+fn client_log(
+    throttle: &Throttled,
+    client: &str,
+    level: RDKafkaLogLevel,
+    fac: &str,
+    message: &str,
+) {
     match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
@@ -176,10 +182,7 @@ impl ConsumerContext for ConsumerEvents {
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         if let Err(e) = result {
             // A commit with nothing stored reports "no offset"; that is no failure.
-            if !matches!(
-                e,
-                KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)
-            ) {
+            if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
                 self.metrics.commit_failures.inc();
                 self.errors.warn(&format!(
                     "offset commit failed for {:?}: {e} (retried with the next commit)",
@@ -290,7 +293,11 @@ impl ProducerHandle {
         }
         match Self::create(&self.config, &self.metrics) {
             Ok(fresh) => {
-                tracing::error!(?code, reason, "producer hit a fatal error; replaced it with a new one");
+                tracing::error!(
+                    ?code,
+                    reason,
+                    "producer hit a fatal error; replaced it with a new one"
+                );
                 *current = Arc::new(fresh);
                 self.healthy.store(false, Ordering::Relaxed);
                 self.metrics.producer_replacements.inc();
@@ -393,7 +400,12 @@ pub async fn check_topics(kafka: &KafkaSettings, consume: bool, health: &Health)
         kafka
             .consumed()
             .into_iter()
-            .map(|t| (kafka.published(&format!("{t}{}", topics::DLQ_SUFFIX)), kafka.topic(t)))
+            .map(|t| {
+                (
+                    kafka.published(&format!("{t}{}", topics::DLQ_SUFFIX)),
+                    kafka.topic(t),
+                )
+            })
             .filter(|(dlq, _)| missing.contains(dlq))
             .filter_map(|(dlq, source)| existing.get(&source).map(|&n| (dlq, n)))
             .collect()
@@ -402,7 +414,8 @@ pub async fn check_topics(kafka: &KafkaSettings, consume: bool, health: &Health)
     };
     health.set_missing_topics(missing.clone());
     if !dlq.is_empty() {
-        let created = tokio::time::timeout(Duration::from_secs(15), create_topics(&kafka, &dlq)).await;
+        let created =
+            tokio::time::timeout(Duration::from_secs(15), create_topics(&kafka, &dlq)).await;
         match created {
             Ok(Ok(created)) => {
                 for t in created {
@@ -433,7 +446,10 @@ fn existing_topics(config: &ClientConfig) -> KafkaResult<std::collections::BTree
         .collect())
 }
 
-async fn create_topics(kafka: &KafkaSettings, topics: &[(String, i32)]) -> KafkaResult<Vec<String>> {
+async fn create_topics(
+    kafka: &KafkaSettings,
+    topics: &[(String, i32)],
+) -> KafkaResult<Vec<String>> {
     let admin: AdminClient<DefaultClientContext> = base(kafka, &[]).create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()

@@ -325,7 +325,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::Demo(_) | Command::Bench(_) => Ok(true),
         Command::Config => {
-            let shown = serde_json::json!({"settings": settings.masked(), "sources": loaded.sources});
+            let shown =
+                serde_json::json!({"settings": settings.masked(), "sources": loaded.sources});
             println!("{}", serde_json::to_string_pretty(&shown)?);
             Ok(true)
         }
@@ -374,9 +375,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                         l.key.as_deref().unwrap_or("-"),
                         l.headers.get("dlq.reason").map_or("?", String::as_str),
                         l.headers.get("dlq.error").map_or("?", String::as_str),
-                        l.headers.get("dlq.source.topic").map_or("?", String::as_str),
-                        l.headers.get("dlq.source.partition").map_or("?", String::as_str),
-                        l.headers.get("dlq.source.offset").map_or("?", String::as_str),
+                        l.headers
+                            .get("dlq.source.topic")
+                            .map_or("?", String::as_str),
+                        l.headers
+                            .get("dlq.source.partition")
+                            .map_or("?", String::as_str),
+                        l.headers
+                            .get("dlq.source.offset")
+                            .map_or("?", String::as_str),
                         l.headers.get("dlq.failed_at").map_or("?", String::as_str),
                     );
                 }
@@ -423,7 +430,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let source = bos::legacy::import::Source::connect(&from).await?;
             let (legacy, unattached) = source.read(&batches).await?;
             let repo = store(&settings).await?;
-            let report = bos::legacy::import::import(repo.as_ref(), &legacy, &unattached, dry_run).await?;
+            let report =
+                bos::legacy::import::import(repo.as_ref(), &legacy, &unattached, dry_run).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -437,7 +445,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             json,
         } => {
             quiet_logs();
-            let report = bos::legacy::shadow::report(&settings.kafka, &shadow_prefix, limit).await?;
+            let report =
+                bos::legacy::shadow::report(&settings.kafka, &shadow_prefix, limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

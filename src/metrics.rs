@@ -105,7 +105,8 @@ impl Builder {
     }
     fn counters(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
         self.add(
-            IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| unreachable!("{e}")),
+            IntCounterVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|e| unreachable!("{e}")),
         )
     }
     fn gauge(&self, name: &str, help: &str) -> IntGauge {
@@ -119,8 +120,11 @@ impl Builder {
     }
     fn histograms(&self, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
         self.add(
-            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
-                .unwrap_or_else(|e| unreachable!("{e}")),
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .unwrap_or_else(|e| unreachable!("{e}")),
         )
     }
 }
@@ -129,7 +133,12 @@ impl Metrics {
     pub fn new() -> Self {
         let metrics = Self::unlabelled();
         // Every label value an alert or dashboard reads exists from the start (at 0).
-        for reason in ["decode_error", "unknown_batch", "empty_ready_essays", "apply_error"] {
+        for reason in [
+            "decode_error",
+            "unknown_batch",
+            "empty_ready_essays",
+            "apply_error",
+        ] {
             metrics.dead_letters.with_label_values(&[reason]);
         }
         for class in ["transient", "contended", "permanent"] {
@@ -370,7 +379,10 @@ impl Metrics {
             let data = || m.envelope()["data"].clone();
             let pipeline = match m.topic {
                 topics::PIPELINE_DENIED => Some((
-                    data()["requested_pipeline"].as_str().unwrap_or("unknown").to_owned(),
+                    data()["requested_pipeline"]
+                        .as_str()
+                        .unwrap_or("unknown")
+                        .to_owned(),
                     "denied".to_owned(),
                 )),
                 topics::PIPELINE_COMPLETED => {
@@ -381,7 +393,10 @@ impl Metrics {
                         .and_then(|w| w.batch.pipeline.requested_pipelines.last().copied());
                     Some((
                         target.map_or("none", |p| p.as_str()).to_owned(),
-                        data()["final_status"].as_str().unwrap_or("unknown").to_owned(),
+                        data()["final_status"]
+                            .as_str()
+                            .unwrap_or("unknown")
+                            .to_owned(),
                     ))
                 }
                 topics::TEACHER_NOTIFICATION
@@ -432,8 +447,15 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    pub fn record(&self, observations: Vec<Observation>, lost: &std::collections::BTreeSet<String>) {
-        for o in observations.into_iter().filter(|o| !lost.contains(&o.batch)) {
+    pub fn record(
+        &self,
+        observations: Vec<Observation>,
+        lost: &std::collections::BTreeSet<String>,
+    ) {
+        for o in observations
+            .into_iter()
+            .filter(|o| !lost.contains(&o.batch))
+        {
             match o.kind {
                 Observed::Command(command, service) => self
                     .orchestration_commands
@@ -470,10 +492,13 @@ fn command_target(topic: &str) -> Option<(&'static str, &'static str)> {
     Some(match topic {
         topics::SPELLCHECK_COMMAND => ("batch.spellcheck.initiate.command", "spellchecker_service"),
         topics::NLP_COMMAND => ("batch.nlp.initiate.command.v2", "nlp_service"),
-        topics::CJ_ASSESSMENT_COMMAND => {
-            ("batch.cj_assessment.initiate.command", "cj_assessment_service")
+        topics::CJ_ASSESSMENT_COMMAND => (
+            "batch.cj_assessment.initiate.command",
+            "cj_assessment_service",
+        ),
+        topics::AI_FEEDBACK_COMMAND => {
+            ("batch.ai_feedback.initiate.command", "ai_feedback_service")
         }
-        topics::AI_FEEDBACK_COMMAND => ("batch.ai_feedback.initiate.command", "ai_feedback_service"),
         topics::STUDENT_MATCHING_COMMAND => (
             "batch.student.matching.initiate.command",
             "class_management_service",

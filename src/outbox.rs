@@ -226,7 +226,10 @@ impl Relay {
         };
         let sent = Instant::now();
         let producer = self.producer.get();
-        let topics: Vec<String> = rows.iter().map(|r| self.kafka.published(&r.topic)).collect();
+        let topics: Vec<String> = rows
+            .iter()
+            .map(|r| self.kafka.published(&r.topic))
+            .collect();
         // Enqueue in order; a key whose row could not be enqueued sends nothing after it.
         let mut blocked: HashMap<&str, String> = HashMap::new();
         let mut pending = Vec::with_capacity(rows.len());
@@ -286,7 +289,10 @@ impl Relay {
                 Ok(()) => {
                     published.push(row.id);
                     let age = (acked_at - row.created_at).num_microseconds().unwrap_or(0);
-                    self.metrics.stage("committed_to_acknowledged", Duration::from_micros(u64::try_from(age.max(0)).unwrap_or(0)));
+                    self.metrics.stage(
+                        "committed_to_acknowledged",
+                        Duration::from_micros(u64::try_from(age.max(0)).unwrap_or(0)),
+                    );
                     self.metrics
                         .outbox_events_published
                         .with_label_values(&[SERVICE, &row.event_type])
@@ -372,7 +378,9 @@ impl Relay {
         // The previous pass's settling runs while the next pass claims and
         // publishes (its rows stay leased, and a key's later rows wait for its
         // earlier ones to be marked, so order holds).
-        let mut settling: Option<std::pin::Pin<Box<dyn std::future::Future<Output = StoreResult<Pass>> + Send + '_>>> = None;
+        let mut settling: Option<
+            std::pin::Pin<Box<dyn std::future::Future<Output = StoreResult<Pass>> + Send + '_>>,
+        > = None;
         while !*shutdown.borrow() {
             // A pass in flight when shutdown comes gets a few seconds to finish
             // (deliveries to a missing topic never would); an abandoned pass's
@@ -397,7 +405,8 @@ impl Relay {
             };
             if let Err(e) = settled {
                 errors += 1;
-                self.errors.warn(&format!("settling an outbox pass failed: {e}"));
+                self.errors
+                    .warn(&format!("settling an outbox pass failed: {e}"));
             }
             match delivered {
                 Ok(Some(delivered)) => {
@@ -472,7 +481,8 @@ impl Housekeeping {
             .with_label_values(&[SERVICE])
             .set(stats.unpublished);
         let now = chrono::Utc::now();
-        let ago = |d: Duration| now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        let ago =
+            |d: Duration| now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
         let mut outbox = 0;
         for _ in 0..PURGE_ROUNDS {
             let n = self
@@ -488,7 +498,10 @@ impl Housekeeping {
         for _ in 0..PURGE_ROUNDS {
             let n = self
                 .repo
-                .purge_inbox(ago(self.settings.inbox_retention), self.settings.purge_batch)
+                .purge_inbox(
+                    ago(self.settings.inbox_retention),
+                    self.settings.purge_batch,
+                )
                 .await?;
             inbox += n;
             if n < u64::try_from(self.settings.purge_batch).unwrap_or(0) {

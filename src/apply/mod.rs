@@ -132,7 +132,9 @@ impl Applier {
                                 Err(CommitError::Store(e)) if e.is_transient() => {
                                     return Err(ApplyError::Transient(e));
                                 }
-                                Err(e) => tracing::error!(error = %e, "the dead letter itself could not be recorded"),
+                                Err(e) => {
+                                    tracing::error!(error = %e, "the dead letter itself could not be recorded");
+                                }
                             }
                         }
                         outcomes.insert(

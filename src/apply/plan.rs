@@ -99,7 +99,10 @@ pub fn letter(
     now: crate::contracts::Timestamp,
 ) -> Option<OutboundMessage> {
     let topic = topics::dead_letter_topic(&source.topic)?;
-    let position = format!("{}/{}/{}", source.source_topic, source.partition, source.offset);
+    let position = format!(
+        "{}/{}/{}",
+        source.source_topic, source.partition, source.offset
+    );
     let id = Uuid::new_v5(&LETTER_NAMESPACE, position.as_bytes());
     let mut headers = source.headers.clone();
     let error: String = error.chars().take(4000).collect();
@@ -194,7 +197,10 @@ pub enum Verdict {
     Ignored(String),
     /// The inbox holds it already (or an earlier record of the same poll is it).
     Duplicate,
-    DeadLetter { reason: &'static str, error: String },
+    DeadLetter {
+        reason: &'static str,
+        error: String,
+    },
 }
 
 impl Verdict {
@@ -266,7 +272,15 @@ pub fn plan(
         };
         let (event, meta, topic) = match &record.item {
             Item::Poison { reason, error } => {
-                dead_letter(&mut unit, &mut planned, record, index, reason, error.clone(), env.now);
+                dead_letter(
+                    &mut unit,
+                    &mut planned,
+                    record,
+                    index,
+                    reason,
+                    error.clone(),
+                    env.now,
+                );
                 continue;
             }
             Item::Event { event, meta, topic } => (event, meta, topic),
@@ -289,7 +303,15 @@ pub fn plan(
                 Some(Planned {
                     verdict: Verdict::DeadLetter { reason, error },
                     ..
-                }) => dead_letter(&mut unit, &mut planned, record, index, reason, error, env.now),
+                }) => dead_letter(
+                    &mut unit,
+                    &mut planned,
+                    record,
+                    index,
+                    reason,
+                    error,
+                    env.now,
+                ),
                 other => planned.push(Planned {
                     index,
                     verdict: Verdict::Duplicate,
@@ -314,7 +336,15 @@ pub fn plan(
                 };
             }
             Decision::DeadLetter { reason, error } => {
-                dead_letter(&mut unit, &mut planned, record, index, reason, error, env.now);
+                dead_letter(
+                    &mut unit,
+                    &mut planned,
+                    record,
+                    index,
+                    reason,
+                    error,
+                    env.now,
+                );
             }
             Decision::Ignore(why) => {
                 unit.inbox.push(InboxRecord {

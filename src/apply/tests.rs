@@ -124,10 +124,13 @@ fn run_plan(
 fn two_events_of_one_batch_in_one_poll_make_one_write() {
     let rules = Rules::default();
     let batch = registered(&rules);
-    let prepared: Vec<Prepared> = [provisioned(&batch, Uuid::new_v4()), requested(&batch, Uuid::new_v4())]
-        .iter()
-        .map(prepare)
-        .collect();
+    let prepared: Vec<Prepared> = [
+        provisioned(&batch, Uuid::new_v4()),
+        requested(&batch, Uuid::new_v4()),
+    ]
+    .iter()
+    .map(prepare)
+    .collect();
     let (unit, planned) = run_plan(&rules, &prepared, &[&batch], &HashSet::new());
     assert_eq!(unit.writes.len(), 1, "one version-checked write per batch");
     assert_eq!(unit.writes[0].expected_version, Some(1));
@@ -166,7 +169,11 @@ fn copies_and_known_events_are_set_aside_before_deciding() {
     let prepared: Vec<Prepared> = records.iter().map(prepare).collect();
     let known: HashSet<Uuid> = [old].into();
     let (unit, planned) = run_plan(&rules, &prepared, &[&batch, &other], &known);
-    assert_eq!(planned[0].verdict, Verdict::Duplicate, "already in the inbox");
+    assert_eq!(
+        planned[0].verdict,
+        Verdict::Duplicate,
+        "already in the inbox"
+    );
     let applied: Vec<usize> = planned
         .iter()
         .filter(|p| p.verdict == Verdict::Applied)
@@ -174,11 +181,19 @@ fn copies_and_known_events_are_set_aside_before_deciding() {
         .collect();
     assert_eq!(applied[0], 1, "the first copy applies");
     assert_eq!(
-        planned.iter().filter(|p| p.verdict == Verdict::Duplicate).count(),
+        planned
+            .iter()
+            .filter(|p| p.verdict == Verdict::Duplicate)
+            .count(),
         1 + (254 - 5) - 1,
         "every later copy is a duplicate"
     );
-    assert!(planned.last().is_some_and(|p| p.verdict == Verdict::Applied), "and the request after them is decided");
+    assert!(
+        planned
+            .last()
+            .is_some_and(|p| p.verdict == Verdict::Applied),
+        "and the request after them is decided"
+    );
     assert_eq!(unit.writes.len(), 2);
     let inbox: HashSet<Uuid> = unit.inbox.iter().map(|r| r.event_id).collect();
     assert!(inbox.contains(&content) && inbox.contains(&request) && !inbox.contains(&old));
@@ -190,13 +205,23 @@ fn a_decode_error_among_good_records_is_a_dead_letter_alone() {
     let batch = registered(&rules);
     let mut broken = requested(&batch, Uuid::new_v4());
     broken.payload = Some(b"{not json".to_vec());
-    let prepared: Vec<Prepared> = [provisioned(&batch, Uuid::new_v4()), broken, requested(&batch, Uuid::new_v4())]
-        .iter()
-        .map(prepare)
-        .collect();
+    let prepared: Vec<Prepared> = [
+        provisioned(&batch, Uuid::new_v4()),
+        broken,
+        requested(&batch, Uuid::new_v4()),
+    ]
+    .iter()
+    .map(prepare)
+    .collect();
     let (unit, planned) = run_plan(&rules, &prepared, &[&batch], &HashSet::new());
     assert_eq!(planned[0].verdict, Verdict::Applied);
-    assert!(matches!(planned[1].verdict, Verdict::DeadLetter { reason: "decode_error", .. }));
+    assert!(matches!(
+        planned[1].verdict,
+        Verdict::DeadLetter {
+            reason: "decode_error",
+            ..
+        }
+    ));
     assert_eq!(planned[1].batch, None, "a dead letter rides on no write");
     assert_eq!(planned[2].verdict, Verdict::Applied);
     assert_eq!(unit.inbox.len(), 2, "no inbox row for the dead letter");
@@ -261,13 +286,29 @@ impl Repository for MovesUnderneath {
         }
         self.inner.commit(unit).await
     }
-    async fn claim_outbox(&self, r: Uuid, l: i64, d: std::time::Duration) -> StoreResult<Vec<OutboxRow>> {
+    async fn claim_outbox(
+        &self,
+        r: Uuid,
+        l: i64,
+        d: std::time::Duration,
+    ) -> StoreResult<Vec<OutboxRow>> {
         self.inner.claim_outbox(r, l, d).await
     }
-    async fn renew_outbox_lease(&self, r: Uuid, i: &[Uuid], d: std::time::Duration) -> StoreResult<u64> {
+    async fn renew_outbox_lease(
+        &self,
+        r: Uuid,
+        i: &[Uuid],
+        d: std::time::Duration,
+    ) -> StoreResult<u64> {
         self.inner.renew_outbox_lease(r, i, d).await
     }
-    async fn settle_outbox(&self, r: Uuid, p: &[Uuid], f: &[PublishFailure], x: &[Uuid]) -> StoreResult<u64> {
+    async fn settle_outbox(
+        &self,
+        r: Uuid,
+        p: &[Uuid],
+        f: &[PublishFailure],
+        x: &[Uuid],
+    ) -> StoreResult<u64> {
         self.inner.settle_outbox(r, p, f, x).await
     }
     async fn purge_outbox(&self, b: crate::contracts::Timestamp, l: i64) -> StoreResult<u64> {
@@ -293,7 +334,11 @@ impl Repository for MovesUnderneath {
     }
 }
 
-async fn applier(moves: usize, fail_batch: Option<String>, batches: &[&Batch]) -> (Applier, Arc<MovesUnderneath>) {
+async fn applier(
+    moves: usize,
+    fail_batch: Option<String>,
+    batches: &[&Batch],
+) -> (Applier, Arc<MovesUnderneath>) {
     let repo = Arc::new(MovesUnderneath {
         inner: MemoryRepository::new(),
         left: Mutex::new(0),
@@ -323,15 +368,28 @@ async fn a_conflict_is_decided_again_on_the_new_state() {
     let rules = Rules::default();
     let batch = registered(&rules);
     let (applier, repo) = applier(1, None, &[&batch]).await;
-    let prepared: Vec<Prepared> = [provisioned(&batch, Uuid::new_v4()), requested(&batch, Uuid::new_v4())]
-        .iter()
-        .map(prepare)
-        .collect();
+    let prepared: Vec<Prepared> = [
+        provisioned(&batch, Uuid::new_v4()),
+        requested(&batch, Uuid::new_v4()),
+    ]
+    .iter()
+    .map(prepare)
+    .collect();
     let outcomes = applier.apply(&prepared).await.unwrap();
-    assert!(outcomes.iter().all(|o| o.verdict == Verdict::Applied), "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|o| o.verdict == Verdict::Applied),
+        "{outcomes:?}"
+    );
     let now = repo.get_batch(&batch.id).await.unwrap().unwrap();
-    assert_eq!(now.context.org_id.as_deref(), Some("changed underneath"), "the other write survived");
-    assert!(now.orchestration.current_run.is_some(), "and ours was decided again on top of it");
+    assert_eq!(
+        now.context.org_id.as_deref(),
+        Some("changed underneath"),
+        "the other write survived"
+    );
+    assert!(
+        now.orchestration.current_run.is_some(),
+        "and ours was decided again on top of it"
+    );
     assert_eq!(applier.metrics.cas_conflicts.get(), 1);
 }
 

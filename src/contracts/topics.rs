@@ -59,9 +59,15 @@ pub const DEAD_LETTER: [(&str, &str); 7] = [
         "huleedu.class.student.associations.confirmed.v1.dlq",
     ),
     (BATCH_ESSAYS_READY, "huleedu.els.batch.essays.ready.v1.dlq"),
-    (CLIENT_PIPELINE_REQUEST, "huleedu.commands.batch.pipeline.v1.dlq"),
+    (
+        CLIENT_PIPELINE_REQUEST,
+        "huleedu.commands.batch.pipeline.v1.dlq",
+    ),
     (PHASE_OUTCOME, "huleedu.els.batch.phase.outcome.v1.dlq"),
-    (VALIDATION_ERRORS, "huleedu.els.batch.validation.errors.v1.dlq"),
+    (
+        VALIDATION_ERRORS,
+        "huleedu.els.batch.validation.errors.v1.dlq",
+    ),
 ];
 
 /// The dead-letter topic of `topic` (unprefixed), if bos consumes it.

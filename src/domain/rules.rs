@@ -403,7 +403,12 @@ impl Rules {
     /// A batch the live service registered, as a shadow run learns it from
     /// the registered event: the same batch `register` would have made,
     /// nothing published (the live service already did).
-    fn adopt(&self, registered: &BatchEssaysRegistered, meta: &EventMeta, env: &mut Env<'_>) -> Effects {
+    fn adopt(
+        &self,
+        registered: &BatchEssaysRegistered,
+        meta: &EventMeta,
+        env: &mut Env<'_>,
+    ) -> Effects {
         let context = BatchContext {
             course_code: registered.course_code,
             expected_essay_count: registered.expected_essay_count,
@@ -418,13 +423,21 @@ impl Rules {
             client_essay_ids: Vec::new(),
         };
         Effects {
-            batch: new_batch(registered.entity_id.clone(), meta.correlation_id, context, env.now),
+            batch: new_batch(
+                registered.entity_id.clone(),
+                meta.correlation_id,
+                context,
+                env.now,
+            ),
             changed: true,
             messages: Vec::new(),
             essays_changed: false,
             transitions: Vec::new(),
             snapshot: None,
-            notes: vec![format!("batch {} adopted from its registration", registered.entity_id)],
+            notes: vec![format!(
+                "batch {} adopted from its registration",
+                registered.entity_id
+            )],
         }
     }
 
@@ -440,7 +453,9 @@ impl Rules {
     ) -> Decision {
         if let InboundEvent::Registered(registered) = event {
             return match batch {
-                Some(_) => Decision::Ignore(format!("batch `{}` is already known", registered.entity_id)),
+                Some(_) => {
+                    Decision::Ignore(format!("batch `{}` is already known", registered.entity_id))
+                }
                 None => Decision::Apply(self.adopt(registered, meta, env)),
             };
         }
@@ -497,7 +512,9 @@ impl Rules {
             }
             InboundEvent::PhaseOutcome(e) => self.phase_outcome(&mut batch, e, &mut out, env),
             // Answered before the batch is looked at.
-            InboundEvent::Registered(e) => ignore(format!("batch `{}` is already known", e.entity_id)),
+            InboundEvent::Registered(e) => {
+                ignore(format!("batch `{}` is already known", e.entity_id))
+            }
         };
         match result {
             Err(Stop::Ignore(reason)) => Decision::Ignore(reason),
@@ -810,8 +827,8 @@ impl Rules {
             org_id: context.org_id.clone(),
             requirements,
         });
-        let prompt_missing = !prompt_attached(context)
-            && chain.iter().any(|&p| self.graph.requires_prompt(p));
+        let prompt_missing =
+            !prompt_attached(context) && chain.iter().any(|&p| self.graph.requires_prompt(p));
         Some(Resolution {
             target,
             chain,
@@ -868,7 +885,15 @@ impl Rules {
                 Some(CreditVerdict::Allowed { available }) => *available,
                 Some(CreditVerdict::Denied { reason, available }) => {
                     let reason = denial_reason(reason);
-                    self.deny_for_credits(batch, &request, reason, &resolution, *available, out, env);
+                    self.deny_for_credits(
+                        batch,
+                        &request,
+                        reason,
+                        &resolution,
+                        *available,
+                        out,
+                        env,
+                    );
                     return Ok(());
                 }
             },
@@ -893,7 +918,10 @@ impl Rules {
         };
         batch.orchestration.runs_started += 1;
         batch.orchestration.current_run = Some(run);
-        batch.pipeline.requested_pipelines.clone_from(&resolution.phases);
+        batch
+            .pipeline
+            .requested_pipelines
+            .clone_from(&resolution.phases);
         for &phase in &resolution.phases {
             *batch.pipeline.phase_mut(phase) =
                 PhaseState::with_status(PipelineExecutionStatus::PendingDependencies);
@@ -1325,7 +1353,8 @@ impl Rules {
         out: &mut Out<'_>,
         env: &mut Env<'_>,
     ) {
-        let breakdown = resolution.map_or_else(|| credit_breakdown(&[], 0), |r| r.breakdown.clone());
+        let breakdown =
+            resolution.map_or_else(|| credit_breakdown(&[], 0), |r| r.breakdown.clone());
         let required = resolution.map_or(0, |r| r.required_credits);
         self.publish_denial(batch, request, reason, required, 0, breakdown, out, env);
     }
@@ -1517,7 +1546,9 @@ pub fn transitions(
                 from: old.status,
                 to: new.status,
                 correlation_id,
-                completed_at: new.completed_at.filter(|_| old.completed_at != new.completed_at),
+                completed_at: new
+                    .completed_at
+                    .filter(|_| old.completed_at != new.completed_at),
             })
         })
         .collect()

@@ -617,15 +617,25 @@ fn unsupported_pipelines_are_denied_notified_and_change_nothing() {
         );
         let denied = data(&d, topics::PIPELINE_DENIED);
         assert_eq!(denied["denial_reason"], "unsupported_pipeline");
-        assert_eq!(denied["user_id"], TEACHER, "the batch owner, not the requester");
+        assert_eq!(
+            denied["user_id"], TEACHER,
+            "the batch owner, not the requester"
+        );
         assert_eq!(
             denied["resource_breakdown"],
             serde_json::json!({"cj_comparison": 0, "ai_feedback_generation": 0})
         );
         let note = data(&d, topics::TEACHER_NOTIFICATION);
         assert_eq!(note["notification_type"], "pipeline_denied");
-        assert_eq!(note["payload"]["resource_breakdown"]["ai_feedback_generation"], 0);
-        assert_eq!(d.batch.as_ref(), Some(&before), "nothing in the batch changes");
+        assert_eq!(
+            note["payload"]["resource_breakdown"]["ai_feedback_generation"],
+            0
+        );
+        assert_eq!(
+            d.batch.as_ref(),
+            Some(&before),
+            "nothing in the batch changes"
+        );
     }
 }
 
@@ -1207,7 +1217,8 @@ fn check_accounting(
     answered: u32,
     replaced: u32,
 ) -> Result<(), TestCaseError> {
-    let open = u32::from(batch.parked.is_some()) + u32::from(batch.orchestration.current_run.is_some());
+    let open =
+        u32::from(batch.parked.is_some()) + u32::from(batch.orchestration.current_run.is_some());
     prop_assert_eq!(
         received,
         answered + replaced + open,
@@ -1247,8 +1258,7 @@ fn check(
     {
         *replaced += 1;
     }
-    if matches!(event, InboundEvent::PipelineRequest(_))
-        && matches!(d.verdict, Verdict::Ignored(_))
+    if matches!(event, InboundEvent::PipelineRequest(_)) && matches!(d.verdict, Verdict::Ignored(_))
     {
         // A retry of what is already waiting or running is absorbed.
         *answered += 1;
@@ -1380,7 +1390,10 @@ fn graph(phases: &[(PhaseName, &[PhaseName], bool)]) -> PhaseGraph {
 fn the_graph_takes_several_prerequisites_and_names_what_is_wrong() {
     use PhaseName::{AiFeedback, CjAssessment, Nlp, Spellcheck};
     let g = PhaseGraph::default();
-    assert_eq!(g.resolve(AiFeedback).unwrap(), [Spellcheck, Nlp, AiFeedback]);
+    assert_eq!(
+        g.resolve(AiFeedback).unwrap(),
+        [Spellcheck, Nlp, AiFeedback]
+    );
     assert_eq!(g.resolve(CjAssessment).unwrap(), [Spellcheck, CjAssessment]);
     assert_eq!(g.resolve(Nlp).unwrap(), [Spellcheck, Nlp]);
     assert_eq!(g.node(AiFeedback).unwrap().depends_on, [Spellcheck, Nlp]);
@@ -1395,7 +1408,10 @@ fn the_graph_takes_several_prerequisites_and_names_what_is_wrong() {
     let unknown = PhaseGraph::new([(Nlp, vec![CjAssessment], false)]).unwrap_err();
     assert!(unknown.to_string().contains("cj_assessment"), "{unknown}");
     let matching = PhaseGraph::new([(PhaseName::StudentMatching, vec![], false)]).unwrap_err();
-    assert!(matching.to_string().contains("student_matching"), "{matching}");
+    assert!(
+        matching.to_string().contains("student_matching"),
+        "{matching}"
+    );
 }
 
 #[test]
@@ -1508,7 +1524,9 @@ fn a_denied_request_leaves_the_batch_as_it_was() {
     });
     request.prompt_payload.as_mut().unwrap().cms_prompt_ref = Some({
         let mut p = prompt();
-        p.references.values_mut().for_each(|r| r.storage_id = "other".into());
+        p.references
+            .values_mut()
+            .for_each(|r| r.storage_id = "other".into());
         p
     });
     let d = sim.send(InboundEvent::PipelineRequest(request));
@@ -1516,7 +1534,11 @@ fn a_denied_request_leaves_the_batch_as_it_was() {
         data(&d, topics::PIPELINE_DENIED)["denial_reason"],
         "insufficient_credits"
     );
-    assert_eq!(d.batch.as_ref(), Some(&before), "the prompt of a denied request is not stored");
+    assert_eq!(
+        d.batch.as_ref(),
+        Some(&before),
+        "the prompt of a denied request is not stored"
+    );
     let breakdown = &data(&d, topics::PIPELINE_DENIED)["resource_breakdown"];
     assert_eq!(breakdown["cj_comparison"], 6);
     assert_eq!(breakdown["ai_feedback_generation"], 0, "both keys, always");
@@ -1526,7 +1548,8 @@ fn a_denied_request_leaves_the_batch_as_it_was() {
 fn policy_denials_use_the_platform_spellings() {
     let sim = Sim::ready_guest(2);
     let id = sim.batch.id.clone();
-    let event = InboundEvent::PipelineRequest(upstream::pipeline_request(&id, "ai_feedback", TEACHER));
+    let event =
+        InboundEvent::PipelineRequest(upstream::pipeline_request(&id, "ai_feedback", TEACHER));
     let meta = EventMeta {
         event_id: Uuid::from_u128(1),
         correlation_id: Uuid::from_u128(2),
@@ -1554,7 +1577,10 @@ fn policy_denials_use_the_platform_spellings() {
     );
     for (reason, kind) in [
         ("rate_limit_exceeded", "pipeline_denied_rate_limit"),
-        ("insufficient_credits", "pipeline_denied_insufficient_credits"),
+        (
+            "insufficient_credits",
+            "pipeline_denied_insufficient_credits",
+        ),
         ("entitlements_unavailable", "pipeline_denied"),
     ] {
         let answers: CreditAnswers = [(
@@ -1578,8 +1604,14 @@ fn policy_denials_use_the_platform_spellings() {
             panic!("a denial publishes");
         };
         let topics: Vec<_> = effects.messages.iter().map(|m| m.topic).collect();
-        assert_eq!(topics, [topics::PIPELINE_DENIED, topics::TEACHER_NOTIFICATION]);
-        assert_eq!(effects.messages[0].envelope()["data"]["denial_reason"], reason);
+        assert_eq!(
+            topics,
+            [topics::PIPELINE_DENIED, topics::TEACHER_NOTIFICATION]
+        );
+        assert_eq!(
+            effects.messages[0].envelope()["data"]["denial_reason"],
+            reason
+        );
         assert_eq!(
             effects.messages[1].envelope()["data"]["notification_type"],
             kind
@@ -1605,13 +1637,8 @@ fn everything_a_run_publishes_carries_the_runs_correlation_id() {
     );
     // The outcome arrives in an envelope with a correlation id of its own.
     let run = sim.batch.orchestration.current_run.clone().unwrap();
-    let outcome = upstream::phase_outcome(
-        &id,
-        PhaseName::Spellcheck,
-        &essays(2),
-        &[],
-        run_correlation,
-    );
+    let outcome =
+        upstream::phase_outcome(&id, PhaseName::Spellcheck, &essays(2), &[], run_correlation);
     let d = sim.send_with(
         InboundEvent::PhaseOutcome(outcome),
         EventMeta {
@@ -1681,12 +1708,19 @@ fn a_repeated_retry_does_not_dispatch_twice() {
     let first = sim.send(retry());
     assert_eq!(topics_of(&first)[0], topics::SPELLCHECK_COMMAND);
     let again = sim.send(retry());
-    assert!(matches!(again.verdict, Verdict::Ignored(_)), "{:?}", again.verdict);
+    assert!(
+        matches!(again.verdict, Verdict::Ignored(_)),
+        "{:?}",
+        again.verdict
+    );
     assert!(again.messages.is_empty());
     sim.answer(&[]);
     let later = sim.send(retry());
     assert!(
-        later.messages.iter().all(|m| m.topic != topics::SPELLCHECK_COMMAND),
+        later
+            .messages
+            .iter()
+            .all(|m| m.topic != topics::SPELLCHECK_COMMAND),
         "spellcheck completed: a new retry is answered without dispatching"
     );
 }
@@ -1695,7 +1729,11 @@ fn a_repeated_retry_does_not_dispatch_twice() {
 fn every_phase_change_is_reported_for_the_log() {
     let mut sim = Sim::ready_guest(2);
     let d = sim.request("cj_assessment");
-    let changes: Vec<_> = d.transitions.iter().map(|t| (t.phase, t.from, t.to)).collect();
+    let changes: Vec<_> = d
+        .transitions
+        .iter()
+        .map(|t| (t.phase, t.from, t.to))
+        .collect();
     assert_eq!(
         changes,
         [
@@ -1716,8 +1754,14 @@ fn every_phase_change_is_reported_for_the_log() {
     assert_eq!(
         changes,
         [
-            (PhaseName::Spellcheck, PipelineExecutionStatus::CompletedSuccessfully),
-            (PhaseName::CjAssessment, PipelineExecutionStatus::DispatchInitiated),
+            (
+                PhaseName::Spellcheck,
+                PipelineExecutionStatus::CompletedSuccessfully
+            ),
+            (
+                PhaseName::CjAssessment,
+                PipelineExecutionStatus::DispatchInitiated
+            ),
         ]
     );
     assert!(d.transitions[0].completed_at.is_some());

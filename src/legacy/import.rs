@@ -15,8 +15,8 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::contracts::{
-    topics, BatchStatus, CourseCode, PhaseName, PipelineExecutionStatus,
-    StorageReferenceMetadata, Timestamp,
+    topics, BatchStatus, CourseCode, PhaseName, PipelineExecutionStatus, StorageReferenceMetadata,
+    Timestamp,
 };
 use crate::domain::{
     Batch, BatchContext, BatchEssay, EssayCounts, Orchestration, OutboundMessage, PhaseState,
@@ -107,7 +107,11 @@ impl ImportReport {
     /// One line per batch and a summary, for people.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let would = if self.dry_run { "would import" } else { "imported" };
+        let would = if self.dry_run {
+            "would import"
+        } else {
+            "imported"
+        };
         for b in &self.batches {
             match &b.verdict {
                 Verdict::Imported {
@@ -174,7 +178,10 @@ impl Source {
 
     /// The batches (all, or those named), with their essays, phase log and unpublished outbox rows;
     /// and the unpublished outbox rows that belong to none of the original's batches.
-    pub async fn read(&self, only: &[String]) -> anyhow::Result<(Vec<LegacyBatch>, Vec<LegacyOutboxRow>)> {
+    pub async fn read(
+        &self,
+        only: &[String],
+    ) -> anyhow::Result<(Vec<LegacyBatch>, Vec<LegacyOutboxRow>)> {
         let utc = |column: &str| format!("({column} AT TIME ZONE 'UTC')");
         let rows = sqlx::query(&format!(
             "SELECT id, correlation_id, class_id, status::text AS status, \
@@ -187,7 +194,8 @@ impl Source {
         .bind(only)
         .fetch_all(&self.pool)
         .await?;
-        let parse_json = |raw: Option<String>| raw.and_then(|r| serde_json::from_str::<Value>(&r).ok());
+        let parse_json =
+            |raw: Option<String>| raw.and_then(|r| serde_json::from_str::<Value>(&r).ok());
         let mut batches: Vec<LegacyBatch> = rows
             .iter()
             .map(|r| {
@@ -208,7 +216,12 @@ impl Source {
             })
             .collect::<Result<_, sqlx::Error>>()?;
         let ids: Vec<String> = batches.iter().map(|b| b.id.clone()).collect();
-        let index: HashMap<String, usize> = ids.iter().cloned().enumerate().map(|(i, id)| (id, i)).collect();
+        let index: HashMap<String, usize> = ids
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, id)| (id, i))
+            .collect();
         for r in sqlx::query(
             "SELECT batch_id, essay_id, content_reference::text AS reference \
              FROM batch_essays WHERE batch_id = ANY($1) ORDER BY id",
@@ -324,7 +337,9 @@ fn logged_status(raw: &str) -> Option<PipelineExecutionStatus> {
 }
 
 fn timestamp(value: &Value) -> Option<Timestamp> {
-    value.as_str().and_then(|s| crate::contracts::time::parse(s).ok())
+    value
+        .as_str()
+        .and_then(|s| crate::contracts::time::parse(s).ok())
 }
 
 fn text(value: &Value) -> Option<String> {
@@ -342,8 +357,12 @@ fn known_topic(topic: &str) -> Option<&'static str> {
 
 /// An unpublished row of the original as a bos outbox row, under the envelope's event id.
 pub fn outbox_message(row: &LegacyOutboxRow) -> Result<OutboundMessage, String> {
-    let topic = known_topic(&row.topic)
-        .ok_or_else(|| format!("outbox row {} has topic `{}`, which bos does not publish", row.id, row.topic))?;
+    let topic = known_topic(&row.topic).ok_or_else(|| {
+        format!(
+            "outbox row {} has topic `{}`, which bos does not publish",
+            row.id, row.topic
+        )
+    })?;
     let Value::Object(mut envelope) = row.event_data.clone() else {
         return Err(format!("outbox row {} holds no JSON object", row.id));
     };
@@ -466,9 +485,16 @@ pub fn translate(legacy: &LegacyBatch) -> Result<Translated, String> {
     let mut requested = Vec::new();
     for raw in p["requested_pipelines"].as_array().into_iter().flatten() {
         let raw = raw.as_str().unwrap_or_default();
-        requested.push(phase_name(raw).ok_or_else(|| format!("requested phase `{raw}` is not one bos knows"))?);
+        requested.push(
+            phase_name(raw)
+                .ok_or_else(|| format!("requested phase `{raw}` is not one bos knows"))?,
+        );
     }
-    let nlp = if p["nlp"].is_null() { &p["nlp_analysis"] } else { &p["nlp"] };
+    let nlp = if p["nlp"].is_null() {
+        &p["nlp_analysis"]
+    } else {
+        &p["nlp"]
+    };
     let matched = context.class_id.is_some()
         && !matches!(
             status,
@@ -480,7 +506,9 @@ pub fn translate(legacy: &LegacyBatch) -> Result<Translated, String> {
         (true, BatchStatus::AwaitingStudentValidation) => {
             PhaseState::with_status(PipelineExecutionStatus::DispatchInitiated)
         }
-        (true, _) if matched => PhaseState::with_status(PipelineExecutionStatus::CompletedSuccessfully),
+        (true, _) if matched => {
+            PhaseState::with_status(PipelineExecutionStatus::CompletedSuccessfully)
+        }
         _ => PhaseState::with_status(skipped),
     };
     let mut pipeline = PipelineState {
@@ -523,7 +551,12 @@ pub fn translate(legacy: &LegacyBatch) -> Result<Translated, String> {
     }
 
     // The run in progress, if a phase is in flight.
-    let analysed = [PhaseName::Spellcheck, PhaseName::Nlp, PhaseName::CjAssessment, PhaseName::AiFeedback];
+    let analysed = [
+        PhaseName::Spellcheck,
+        PhaseName::Nlp,
+        PhaseName::CjAssessment,
+        PhaseName::AiFeedback,
+    ];
     let in_flight: Vec<PhaseName> = analysed
         .into_iter()
         .filter(|&ph| {
@@ -564,7 +597,11 @@ pub fn translate(legacy: &LegacyBatch) -> Result<Translated, String> {
                         .find(|m| m.topic == command_topic)
                         .map(|m| m.correlation_id)
                 })
-                .ok_or_else(|| format!("{current_phase} is in flight but no correlation id of its run is recorded"))?;
+                .ok_or_else(|| {
+                    format!(
+                        "{current_phase} is in flight but no correlation id of its run is recorded"
+                    )
+                })?;
             let mut dispatched = BTreeMap::new();
             let mut survivors = BTreeMap::new();
             for (i, &ph) in requested.iter().enumerate().take(current + 1) {
@@ -599,7 +636,10 @@ pub fn translate(legacy: &LegacyBatch) -> Result<Translated, String> {
     pipeline.requested_pipelines = requested;
     let batch = Batch {
         id: legacy.id.clone(),
-        correlation_id: legacy.correlation_id.parse().unwrap_or_else(|_| Uuid::new_v4()),
+        correlation_id: legacy
+            .correlation_id
+            .parse()
+            .unwrap_or_else(|_| Uuid::new_v4()),
         status,
         context,
         essays,
@@ -633,7 +673,10 @@ pub async fn import(
         ..ImportReport::default()
     };
     for legacy in batches {
-        let present = !repo.get_batches(std::slice::from_ref(&legacy.id)).await?.is_empty();
+        let present = !repo
+            .get_batches(std::slice::from_ref(&legacy.id))
+            .await?
+            .is_empty();
         let verdict = if present {
             Verdict::Skipped
         } else {
@@ -642,7 +685,12 @@ pub async fn import(
                 Ok(t) => {
                     let imported = Verdict::Imported {
                         status: t.batch.status.as_str().to_owned(),
-                        run: t.batch.orchestration.current_run.as_ref().map(|r| r.correlation_id),
+                        run: t
+                            .batch
+                            .orchestration
+                            .current_run
+                            .as_ref()
+                            .map(|r| r.correlation_id),
                         outbox_rows: t.outbox.len(),
                     };
                     if dry_run {
@@ -771,7 +819,10 @@ mod tests {
         assert_eq!((run.correlation_id, run.current), (corr, 1));
         assert_eq!(run.phases, [PhaseName::Spellcheck, PhaseName::Nlp]);
         assert_eq!(t.transitions.len(), 1);
-        assert_eq!(t.transitions[0].to, PipelineExecutionStatus::DispatchInitiated);
+        assert_eq!(
+            t.transitions[0].to,
+            PipelineExecutionStatus::DispatchInitiated
+        );
     }
 
     #[test]
@@ -781,9 +832,13 @@ mod tests {
         assert!(e.contains("never writes it"), "{e}");
         let two = json!({"requested_pipelines": ["spellcheck", "nlp"], "spellcheck": phase("in_progress"),
                          "nlp": phase("dispatch_initiated")});
-        assert!(translate(&legacy("ready_for_pipeline_execution", two)).unwrap_err().contains("several phases"));
+        assert!(translate(&legacy("ready_for_pipeline_execution", two))
+            .unwrap_err()
+            .contains("several phases"));
         let no_corr = json!({"requested_pipelines": ["spellcheck"], "spellcheck": phase("dispatch_initiated")});
-        assert!(translate(&legacy("ready_for_pipeline_execution", no_corr)).unwrap_err().contains("no correlation id"));
+        assert!(translate(&legacy("ready_for_pipeline_execution", no_corr))
+            .unwrap_err()
+            .contains("no correlation id"));
     }
 
     #[test]
@@ -803,7 +858,10 @@ mod tests {
         assert!(m.traceparent.is_some());
         let envelope = m.envelope();
         assert!(envelope.get("topic").is_none() && envelope.get("headers").is_none());
-        let unknown = LegacyOutboxRow { topic: "elsewhere".into(), ..row };
+        let unknown = LegacyOutboxRow {
+            topic: "elsewhere".into(),
+            ..row
+        };
         assert!(outbox_message(&unknown).is_err());
     }
 }

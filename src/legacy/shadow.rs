@@ -27,9 +27,18 @@ pub const COMPARED: [&str; 7] = [
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Step {
-    Command { phase: String, essays: Vec<(String, String)> },
-    Denied { pipeline: String, reason: String },
-    Completed { final_status: String, phases: Vec<String> },
+    Command {
+        phase: String,
+        essays: Vec<(String, String)>,
+    },
+    Denied {
+        pipeline: String,
+        reason: String,
+    },
+    Completed {
+        final_status: String,
+        phases: Vec<String>,
+    },
 }
 
 impl Step {
@@ -137,7 +146,14 @@ pub fn compare(live: &Steps, shadow: &Steps) -> Vec<Difference> {
             (l, s) => {
                 differences.push(Difference {
                     batch_id: batch.clone(),
-                    what: format!("published only by the {}", if l.is_some() { "live service" } else { "shadow run" }),
+                    what: format!(
+                        "published only by the {}",
+                        if l.is_some() {
+                            "live service"
+                        } else {
+                            "shadow run"
+                        }
+                    ),
                     live: json!(l),
                     shadow: json!(s),
                 });
@@ -168,7 +184,10 @@ pub fn compare(live: &Steps, shadow: &Steps) -> Vec<Difference> {
             let mut by_phase: BTreeMap<String, Vec<Vec<(String, String)>>> = BTreeMap::new();
             for s in steps {
                 if let Step::Command { phase, essays } = s {
-                    by_phase.entry(phase.clone()).or_default().push(essays.clone());
+                    by_phase
+                        .entry(phase.clone())
+                        .or_default()
+                        .push(essays.clone());
                 }
             }
             by_phase
@@ -220,7 +239,10 @@ pub async fn report(
             let mut timed: Vec<(i64, String, Step)> = messages
                 .iter()
                 .filter_map(|m| {
-                    let prefix = settings.publish_prefix.as_deref().unwrap_or(&settings.topic_prefix);
+                    let prefix = settings
+                        .publish_prefix
+                        .as_deref()
+                        .unwrap_or(&settings.topic_prefix);
                     let topic = m.topic().strip_prefix(prefix).unwrap_or(m.topic());
                     let envelope: Value = serde_json::from_slice(m.payload()?).ok()?;
                     let (batch, step) = Step::of(topic, &envelope)?;
@@ -254,7 +276,10 @@ mod tests {
     fn command(phase: &str, essays: &[&str]) -> Step {
         Step::Command {
             phase: phase.into(),
-            essays: essays.iter().map(|e| ((*e).into(), format!("s-{e}"))).collect(),
+            essays: essays
+                .iter()
+                .map(|e| ((*e).into(), format!("s-{e}")))
+                .collect(),
         }
     }
 
@@ -272,12 +297,22 @@ mod tests {
             pipeline: "cj_assessment".into(),
             reason: "insufficient_credits".into(),
         });
-        let whats: Vec<String> = compare(&steps, &other).into_iter().map(|d| d.what).collect();
+        let whats: Vec<String> = compare(&steps, &other)
+            .into_iter()
+            .map(|d| d.what)
+            .collect();
         assert_eq!(whats, ["essays of nlp", "denials"]);
         let mut reordered = steps.clone();
         reordered.get_mut("b").unwrap().reverse();
-        assert_eq!(compare(&steps, &reordered)[0].what, "phases commanded (in order)");
+        assert_eq!(
+            compare(&steps, &reordered)[0].what,
+            "phases commanded (in order)"
+        );
         let only: Steps = [("c".to_owned(), vec![command("spellcheck", &["1"])])].into();
-        assert_eq!(compare(&steps, &only).len(), 2, "b only live, c only shadow");
+        assert_eq!(
+            compare(&steps, &only).len(),
+            2,
+            "b only live, c only shadow"
+        );
     }
 }

@@ -143,7 +143,11 @@ pub struct Letter {
 
 /// Reads every letter of `<topic>.dlq` present now, from the beginning, without
 /// committing anything (it joins no group).
-pub async fn list(kafka: &KafkaSettings, topic: &str, limit: usize) -> Result<Vec<Letter>, ReplayError> {
+pub async fn list(
+    kafka: &KafkaSettings,
+    topic: &str,
+    limit: usize,
+) -> Result<Vec<Letter>, ReplayError> {
     let dlq = kafka.published(&format!("{topic}{}", topics::DLQ_SUFFIX));
     let messages = snapshot(kafka, std::slice::from_ref(&dlq), limit).await?;
     Ok(messages
@@ -151,7 +155,9 @@ pub async fn list(kafka: &KafkaSettings, topic: &str, limit: usize) -> Result<Ve
         .map(|message| Letter {
             partition: message.partition(),
             offset: message.offset(),
-            key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            key: message
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
             headers: message
                 .headers()
                 .map(|hs| {
@@ -191,7 +197,8 @@ pub async fn snapshot(
                 return Err(ReplayError::NotAssigned(name.clone()));
             }
             for p in t.partitions() {
-                let (low, high) = consumer.fetch_watermarks(name, p.id(), Duration::from_secs(10))?;
+                let (low, high) =
+                    consumer.fetch_watermarks(name, p.id(), Duration::from_secs(10))?;
                 if high > low {
                     targets.insert((name.clone(), p.id()), high);
                     assignment.add_partition_offset(name, p.id(), rdkafka::Offset::Offset(low))?;
@@ -205,7 +212,8 @@ pub async fn snapshot(
     }
     consumer.assign(&assignment)?;
     while messages.len() < limit && !targets.is_empty() {
-        let Ok(message) = tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await else {
+        let Ok(message) = tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await
+        else {
             break;
         };
         let message = message?;

@@ -80,7 +80,11 @@ pub fn batch_table(shown: &Value) -> String {
     );
     let run = &shown["current_run"];
     if run.is_null() {
-        let _ = writeln!(out, "run       none in progress ({} started so far)", s(&shown["runs_started"]));
+        let _ = writeln!(
+            out,
+            "run       none in progress ({} started so far)",
+            s(&shown["runs_started"])
+        );
     } else {
         let _ = writeln!(
             out,
@@ -98,7 +102,11 @@ pub fn batch_table(shown: &Value) -> String {
             s(&shown["parked_request"]["request"]["requested_pipeline"])
         );
     }
-    let _ = writeln!(out, "\n{:<16} {:<34} {:>5} {:>5} {:>5}", "phase", "status", "total", "ok", "fail");
+    let _ = writeln!(
+        out,
+        "\n{:<16} {:<34} {:>5} {:>5} {:>5}",
+        "phase", "status", "total", "ok", "fail"
+    );
     for p in shown["phases"].as_array().into_iter().flatten() {
         let c = &p["essay_counts"];
         let _ = writeln!(
@@ -125,7 +133,11 @@ pub fn batch_table(shown: &Value) -> String {
     let _ = writeln!(out, "\noutbox");
     for r in shown["outbox"].as_array().into_iter().flatten() {
         let state = if r["published_at"].is_null() {
-            format!("pending (attempts {}, {})", s(&r["attempts"]), s(&r["last_error"]))
+            format!(
+                "pending (attempts {}, {})",
+                s(&r["attempts"]),
+                s(&r["last_error"])
+            )
         } else {
             format!("published {}", s(&r["published_at"]))
         };
@@ -153,7 +165,9 @@ pub fn outbox_table(status: &Value) -> String {
     let _ = writeln!(
         out,
         "oldest unpublished    {:.1} s",
-        status["oldest_unpublished_age_seconds"].as_f64().unwrap_or(0.0)
+        status["oldest_unpublished_age_seconds"]
+            .as_f64()
+            .unwrap_or(0.0)
     );
     let _ = writeln!(out, "failing (retrying)    {}", status["failing"]);
     for r in status["stuck"].as_array().into_iter().flatten() {

@@ -37,13 +37,9 @@ use tokio::process::Child;
 use uuid::Uuid;
 
 use crate::config::{KafkaSettings, Settings};
-use crate::contracts::{
-    topics, ContentType, CourseCode, EssayRef, InboundEvent, PhaseName, StorageRef,
-    StorageReferenceMetadata,
-};
+use crate::contracts::{topics, CourseCode, EssayRef, InboundEvent, PhaseName};
 use crate::domain::{
-    Batch, CreditAnswers, Decision, Effects, Env, EventMeta, RandomIds, RegistrationRequest,
-    Rules,
+    Batch, CreditAnswers, Decision, Effects, Env, EventMeta, RandomIds, RegistrationRequest, Rules,
 };
 use crate::metrics::STAGES;
 use crate::sim::embedded::EmbeddedKafka;
@@ -121,7 +117,10 @@ pub struct BenchReport {
     pub latency: BTreeMap<String, LatencyFigures>,
     pub worker_rss_mb: f64,
     pub relay_rows_per_s: f64,
+    /// The worker's database operations per minute while idle (each a
+    /// statement), in all and by operation.
     pub idle_queries_per_min: f64,
+    pub idle_queries_by_operation: BTreeMap<String, f64>,
     pub batch_row_bytes: usize,
     pub command_bytes: usize,
 }
@@ -154,11 +153,12 @@ impl BenchReport {
             out += &stage_lines(&l.stages);
         }
         out += &format!(
-            "worker RSS      {:>8.1} MB\nrelay alone     {:>8.0} rows/s\nidle            {:>8.1} queries/min\n\
+            "worker RSS      {:>8.1} MB\nrelay alone     {:>8.0} rows/s\nidle            {:>8.1} queries/min {:?}\n\
              row sizes       batch {} B, command {} B\n",
             self.worker_rss_mb,
             self.relay_rows_per_s,
             self.idle_queries_per_min,
+            self.idle_queries_by_operation,
             self.batch_row_bytes,
             self.command_bytes
         );
@@ -200,7 +200,9 @@ struct ScratchDatabase {
 }
 
 fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
     let root = match base.rfind('/') {
         Some(i) if i > base.find("//").map_or(0, |j| j + 1) => &base[..i],
         _ => base,
@@ -230,9 +232,12 @@ impl ScratchDatabase {
 
     async fn drop(self) -> anyhow::Result<()> {
         let mut admin = PgConnection::connect(&self.admin_url).await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-            .execute(&mut admin)
-            .await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await?;
         Ok(())
     }
 }
@@ -246,19 +251,6 @@ struct Prepared {
     outcome: Vec<u8>,
     event_id: Uuid,
     effects: Effects,
-}
-
-fn bench_prompt(i: usize) -> StorageReferenceMetadata {
-    StorageReferenceMetadata {
-        references: [(
-            ContentType::StudentPromptText,
-            StorageRef {
-                storage_id: format!("prompt-{i}"),
-                path: String::new(),
-            },
-        )]
-        .into(),
-    }
 }
 
 fn applied(decision: Decision, step: &str) -> anyhow::Result<Effects> {
@@ -284,7 +276,7 @@ fn prepare(rules: &Rules, n: usize, essays: usize) -> anyhow::Result<Vec<(Batch,
             expected_essay_count: i64::try_from(essays).unwrap_or(1),
             essay_ids: None,
             course_code: CourseCode::Eng5,
-            student_prompt_ref: Some(bench_prompt(i)),
+            student_prompt_ref: Some(upstream::prompt_ref(&format!("prompt-{i}"))),
             user_id: format!("teacher-{}", i % 50),
             org_id: Some("bench-school".into()),
             class_id: None,
@@ -378,11 +370,7 @@ fn prepare(rules: &Rules, n: usize, essays: usize) -> anyhow::Result<Vec<(Batch,
 }
 
 /// Stores the batches (as bos would have written them) and keeps the rest.
-async fn preload(
-    repo: &PgRepository,
-    rules: &Rules,
-    n: usize,
-) -> anyhow::Result<Vec<Prepared>> {
+async fn preload(repo: &PgRepository, rules: &Rules, n: usize) -> anyhow::Result<Vec<Prepared>> {
     let mut prepared = Vec::with_capacity(n);
     let mut left = n;
     while left > 0 {
@@ -437,7 +425,9 @@ impl Process {
         role: &str,
         env: &HashMap<String, String>,
     ) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let child = tokio::process::Command::new(&options.executable)
             .arg(role)
             .env_clear()
@@ -480,7 +470,12 @@ impl Process {
     }
 
     /// Waits until `/metrics` shows `series` at least `at_least`.
-    async fn wait_for(&mut self, series: &str, at_least: f64, within: Duration) -> anyhow::Result<()> {
+    async fn wait_for(
+        &mut self,
+        series: &str,
+        at_least: f64,
+        within: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -542,6 +537,27 @@ impl Scrape {
         self.0.get(series).copied()
     }
 
+    /// Database operations the worker ran between two scrapes, by operation.
+    fn operations(before: &Self, after: &Self) -> BTreeMap<String, f64> {
+        let prefix = "batch_orchestrator_service_database_query_duration_seconds_count{";
+        let mut by_operation = BTreeMap::new();
+        for (series, n) in &after.0 {
+            let Some(labels) = series.strip_prefix(prefix) else {
+                continue;
+            };
+            let Some(operation) = labels
+                .split("operation=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+            else {
+                continue;
+            };
+            *by_operation.entry(operation.to_owned()).or_insert(0.0) +=
+                n - before.value(series).unwrap_or(0.0);
+        }
+        by_operation
+    }
+
     /// One stage's figures between two scrapes.
     fn stage(before: &Self, after: &Self, stage: &str) -> StageFigures {
         let delta = |series: String| {
@@ -556,7 +572,11 @@ impl Scrape {
             .filter(|k| k.starts_with(prefix) && k.contains(&format!("stage=\"{stage}\"")))
             .filter_map(|k| {
                 let le = k.split("le=\"").nth(1)?.split('"').next()?;
-                let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                let bound = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
                 Some((bound, delta(k.clone())))
             })
             .collect();
@@ -570,7 +590,11 @@ impl Scrape {
         };
         StageFigures {
             observations: count as u64,
-            mean_ms: if count > 0.0 { sum / count * 1000.0 } else { 0.0 },
+            mean_ms: if count > 0.0 {
+                sum / count * 1000.0
+            } else {
+                0.0
+            },
             p50_ms: quantile(0.5),
             p99_ms: quantile(0.99),
         }
@@ -766,18 +790,7 @@ impl CeilingChunk {
 pub const CEILING_STATEMENTS: [&str; 5] = [
     "INSERT INTO processed_events (event_id, topic, batch_id) \
      SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[])",
-    "UPDATE batches b SET correlation_id = u.correlation_id, class_id = u.class_id, \
-       status = u.status, context = u.context::jsonb, pipeline_state = u.pipeline::jsonb, \
-       orchestration = u.orchestration::jsonb, total_essays = u.total, \
-       failed_essay_ids = u.failed::jsonb, parked_request = u.parked::jsonb, \
-       error_details = u.errors::jsonb, updated_at = u.updated, \
-       completed_at = u.completed, version = b.version + 1 \
-     FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], \
-                 $7::text[], $8::text[], $9::int[], $10::text[], $11::text[], $12::text[], \
-                 $13::timestamptz[], $14::timestamptz[]) \
-       AS u(id, expected, correlation_id, class_id, status, context, pipeline, \
-            orchestration, total, failed, parked, errors, updated, completed) \
-     WHERE b.id = u.id AND b.version = u.expected",
+    crate::store::postgres::UPDATE_BATCHES,
     "UPDATE batch_essays e SET corrected_text_storage_id = u.corrected \
      FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(batch_id, essay_id, corrected) \
      WHERE e.batch_id = u.batch_id AND e.essay_id = u.essay_id",
@@ -796,27 +809,14 @@ async fn ceiling_chunk(conn: &mut PgConnection, c: &CeilingChunk) -> anyhow::Res
         .bind(&c.inbox_batches)
         .execute(&mut *tx)
         .await?;
-    let b = &c.batches;
-    let updated = sqlx::query(CEILING_STATEMENTS[1])
-        .bind(&b.ids)
-        .bind(&b.expected)
-        .bind(&b.correlations)
-        .bind(&b.class_ids)
-        .bind(&b.statuses)
-        .bind(&b.contexts)
-        .bind(&b.pipelines)
-        .bind(&b.orchestrations)
-        .bind(&b.totals)
-        .bind(&b.failed)
-        .bind(&b.parked)
-        .bind(&b.errors)
-        .bind(&b.updated)
-        .bind(&b.completed)
+    let updated = c
+        .batches
+        .bind_update(sqlx::query(CEILING_STATEMENTS[1]))
         .execute(&mut *tx)
         .await?
         .rows_affected();
     anyhow::ensure!(
-        updated == b.ids.len() as u64,
+        updated == c.batches.ids.len() as u64,
         "the ceiling's version check failed"
     );
     sqlx::query(CEILING_STATEMENTS[2])
@@ -891,9 +891,10 @@ async fn ceiling(
 
 // ------------------------------------------------------------ the run
 
-async fn unpublished(conn: &mut PgConnection) -> anyhow::Result<i64> {
+/// Whether any outbox row waits (the cheapest question: the first index entry).
+async fn unpublished(conn: &mut PgConnection) -> anyhow::Result<bool> {
     Ok(
-        sqlx::query_scalar("SELECT count(*) FROM event_outbox WHERE published_at IS NULL")
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM event_outbox WHERE published_at IS NULL)")
             .fetch_one(conn)
             .await?,
     )
@@ -901,11 +902,11 @@ async fn unpublished(conn: &mut PgConnection) -> anyhow::Result<i64> {
 
 async fn drained(conn: &mut PgConnection, within: Duration) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    while unpublished(conn).await? > 0 {
+    while unpublished(conn).await? {
         if started.elapsed() > within {
             bail!("the outbox did not drain within {within:?}");
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(started.elapsed())
 }
@@ -921,15 +922,6 @@ async fn settle_database(conn: &mut PgConnection) {
             eprintln!("bench: `{statement}` failed ({e}); measuring anyway");
         }
     }
-}
-
-async fn transactions(conn: &mut PgConnection, database: &str) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = $1",
-    )
-    .bind(database)
-    .fetch_one(conn)
-    .await?)
 }
 
 async fn machine(conn: &mut PgConnection) -> Machine {
@@ -953,8 +945,10 @@ async fn machine(conn: &mut PgConnection) -> Machine {
     let postgres = sqlx::query_scalar::<_, String>("SELECT version()")
         .fetch_one(conn)
         .await
-        .map(|v| v.split(" on ").next().unwrap_or(&v).to_owned())
-        .unwrap_or_else(|_| "PostgreSQL".to_owned());
+        .map_or_else(
+            |_| "PostgreSQL".to_owned(),
+            |v| v.split(" on ").next().unwrap_or(&v).to_owned(),
+        );
     Machine {
         cpu,
         cores: std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
@@ -1025,7 +1019,9 @@ async fn run_on(options: &BenchOptions, scratch: &ScratchDatabase) -> anyhow::Re
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     // Settings for the worker and relay processes pass through (BOS__CONSUMER__MAX_BATCH=…).
-    .chain(std::env::vars().filter(|(k, _)| k.starts_with("BOS__") || k.starts_with("BOS_LIBRDKAFKA_") || k.starts_with("MALLOC_")))
+    .chain(std::env::vars().filter(|(k, _)| {
+        k.starts_with("BOS__") || k.starts_with("BOS_LIBRDKAFKA_") || k.starts_with("MALLOC_")
+    }))
     .collect();
     let mut worker = Process::start(options, "run", &env)?;
     worker
@@ -1106,17 +1102,18 @@ async fn run_on(options: &BenchOptions, scratch: &ScratchDatabase) -> anyhow::Re
         );
     }
 
-    // -------- idle
+    // -------- idle: the worker's own database operations, as it counts them
     progress(&format!("idle: {} s", options.idle_seconds));
-    // Statistics reach pg_stat_database within about ten seconds.
-    tokio::time::sleep(Duration::from_secs(11)).await;
-    let mut idle_probe = PgConnection::connect(&scratch.url).await?;
-    let before = transactions(&mut idle_probe, &scratch.name).await?;
+    let before = Scrape::parse(&worker.metrics().await?);
     tokio::time::sleep(Duration::from_secs(options.idle_seconds)).await;
-    let after = transactions(&mut idle_probe, &scratch.name).await?;
-    // The first reading is a transaction of its own.
-    let idle_queries_per_min =
-        (after - before - 1).max(0) as f64 * 60.0 / options.idle_seconds.max(1) as f64;
+    let after = Scrape::parse(&worker.metrics().await?);
+    let per_min = 60.0 / options.idle_seconds.max(1) as f64;
+    let idle_queries_by_operation: BTreeMap<String, f64> = Scrape::operations(&before, &after)
+        .into_iter()
+        .filter(|(_, n)| *n > 0.0)
+        .map(|(op, n)| (op, n * per_min))
+        .collect();
+    let idle_queries_per_min = idle_queries_by_operation.values().fold(0.0, |a, b| a + b);
     let worker_rss_mb = worker.stop().await?;
     commands.task.abort();
 
@@ -1158,10 +1155,7 @@ async fn run_on(options: &BenchOptions, scratch: &ScratchDatabase) -> anyhow::Re
         let rate = ceiling(&scratch.url, events, connections, options.per_commit).await?;
         ceiling_by_connections.insert(connections.to_string(), rate);
     }
-    let ceiling_events_per_s = ceiling_by_connections
-        .values()
-        .copied()
-        .fold(0.0, f64::max);
+    let ceiling_events_per_s = ceiling_by_connections.values().copied().fold(0.0, f64::max);
     probe.close().await?;
     drop(embedded);
 
@@ -1179,6 +1173,7 @@ async fn run_on(options: &BenchOptions, scratch: &ScratchDatabase) -> anyhow::Re
         worker_rss_mb,
         relay_rows_per_s,
         idle_queries_per_min,
+        idle_queries_by_operation,
         batch_row_bytes: usize::try_from(batch_row_bytes).unwrap_or(0),
         command_bytes,
     };
@@ -1301,7 +1296,8 @@ mod plot {
 
     /// bos end to end against the ceiling on 1, 2 and 4 connections.
     pub fn throughput(report: &BenchReport) -> String {
-        let mut bars: Vec<(String, f64)> = vec![("bos, end to end".to_owned(), report.events_per_s)];
+        let mut bars: Vec<(String, f64)> =
+            vec![("bos, end to end".to_owned(), report.events_per_s)];
         for (connections, rate) in &report.ceiling_by_connections {
             bars.push((format!("ceiling, {connections} conn."), *rate));
         }
@@ -1385,6 +1381,9 @@ mod tests {
             with_database("postgres://u@h:5432/test?sslmode=disable", "x"),
             "postgres://u@h:5432/x?sslmode=disable"
         );
-        assert_eq!(with_database("postgres://u@h:5432", "x"), "postgres://u@h:5432/x");
+        assert_eq!(
+            with_database("postgres://u@h:5432", "x"),
+            "postgres://u@h:5432/x"
+        );
     }
 }

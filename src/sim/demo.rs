@@ -24,9 +24,7 @@ use super::embedded::EmbeddedKafka;
 use super::upstream;
 use crate::app::{Application, Role};
 use crate::config::{KafkaSettings, Settings, StoreKind};
-use crate::contracts::{
-    topics, BatchStatus, ContentType, CourseCode, EssayRef, StorageRef, StorageReferenceMetadata,
-};
+use crate::contracts::{topics, BatchStatus, CourseCode, EssayRef};
 use crate::domain::{CreditAnswers, Env, RandomIds, Rules};
 use crate::store::UnitOfWork;
 
@@ -245,7 +243,10 @@ impl Fleet {
             .insert(key.to_owned(), now);
         self.producer
             .send(
-                FutureRecord::to(&topic).key(key).payload(bytes).timestamp(now),
+                FutureRecord::to(&topic)
+                    .key(key)
+                    .payload(bytes)
+                    .timestamp(now),
                 Duration::from_secs(30),
             )
             .await
@@ -429,16 +430,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
         let regular = rng.chance(0.3);
         let n = rng.range(options.essays_min, options.essays_max);
         // A few teachers forget the prompt: prompt-dependent pipelines are then refused.
-        let prompt = (!rng.chance(0.05)).then(|| StorageReferenceMetadata {
-            references: [(
-                ContentType::StudentPromptText,
-                StorageRef {
-                    storage_id: format!("prompt-{i}"),
-                    path: String::new(),
-                },
-            )]
-            .into(),
-        });
+        let prompt = (!rng.chance(0.05)).then(|| upstream::prompt_ref(&format!("prompt-{i}")));
         let request = crate::domain::RegistrationRequest {
             expected_essay_count: i64::try_from(n).unwrap_or(1),
             essay_ids: None,
@@ -581,7 +573,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
         let is_command = upstream::phase_of_command(&message.topic).is_some()
             || message.topic == topics::STUDENT_MATCHING_COMMAND;
         if is_command {
-            if let (Some(sent), Some(published)) = (fleet.produced_at(&batch_id), message.produced_ms) {
+            if let (Some(sent), Some(published)) =
+                (fleet.produced_at(&batch_id), message.produced_ms)
+            {
                 if published >= sent {
                     summary.latencies_ms.push((published - sent) as f64);
                 }
@@ -739,14 +733,21 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
         .sum();
     summary.dead_letters = topics::CONSUMED
         .iter()
-        .map(|t| metrics.messages.with_label_values(&[t, "dead_letter"]).get())
+        .map(|t| {
+            metrics
+                .messages
+                .with_label_values(&[t, "dead_letter"])
+                .get()
+        })
         .sum();
     summary.elapsed = started.elapsed();
 
     let _ = stop_tx.send(true);
     match running.await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => summary.problems.push(format!("the worker stopped with an error: {e:#}")),
+        Ok(Err(e)) => summary
+            .problems
+            .push(format!("the worker stopped with an error: {e:#}")),
         Err(e) => summary.problems.push(format!("the worker panicked: {e}")),
     }
     drop(fleet);

@@ -29,7 +29,8 @@ impl EmbeddedKafka {
     pub fn create_topics(&self, prefix: &str, partitions: i32) -> rdkafka::error::KafkaResult<()> {
         for (topic, dead_letters) in topics::every_topic() {
             let n = if dead_letters { 1 } else { partitions };
-            self.cluster.create_topic(&format!("{prefix}{topic}"), n, 1)?;
+            self.cluster
+                .create_topic(&format!("{prefix}{topic}"), n, 1)?;
         }
         Ok(())
     }

@@ -7,9 +7,9 @@ use uuid::Uuid;
 
 use crate::contracts::{
     topics, BatchEssaysReady, BatchStatus, BatchValidationErrors, ClientPipelineRequest,
-    ContentProvisioningCompleted, CourseCode, Envelope, ErrorSummary, EssayRef, FailedEssay,
-    PhaseName, PhaseOutcome, StudentAssociation, StudentAssociationsConfirmed,
-    SystemProcessingMetadata, Timestamp,
+    ContentProvisioningCompleted, ContentType, CourseCode, Envelope, ErrorSummary, EssayRef,
+    FailedEssay, PhaseName, PhaseOutcome, StorageRef, StorageReferenceMetadata, StudentAssociation,
+    StudentAssociationsConfirmed, SystemProcessingMetadata, Timestamp,
 };
 
 /// Wraps `data` the way the platform's producers do.
@@ -103,6 +103,20 @@ pub fn essays_ready(
         class_type: class_type.to_owned(),
         student_prompt_ref: None,
         event: Some("batch.essays.ready".to_owned()),
+    }
+}
+
+/// A registration's student prompt: a stored text.
+pub fn prompt_ref(storage_id: &str) -> StorageReferenceMetadata {
+    StorageReferenceMetadata {
+        references: [(
+            ContentType::StudentPromptText,
+            StorageRef {
+                storage_id: storage_id.to_owned(),
+                path: String::new(),
+            },
+        )]
+        .into(),
     }
 }
 

@@ -42,7 +42,9 @@ impl MemoryRepository {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave a half-applied unit:
         // `commit` checks everything before it touches `Inner`.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -123,7 +125,11 @@ impl Repository for MemoryRepository {
             return Err(CommitError::Processed(raced));
         }
         let mut ids: HashSet<Uuid> = HashSet::new();
-        for m in unit.outbox.iter().filter(|m| m.raw.is_none() && keeps(&m.key)) {
+        for m in unit
+            .outbox
+            .iter()
+            .filter(|m| m.raw.is_none() && keeps(&m.key))
+        {
             if !ids.insert(m.event_id) || inner.outbox.iter().any(|r| r.id == m.event_id) {
                 return Err(CommitError::Store(super::StoreError::Constraint(format!(
                     "outbox row {} exists already",
@@ -156,13 +162,11 @@ impl Repository for MemoryRepository {
         for r in unit.inbox.into_iter().filter(|r| keeps(&r.batch_id)) {
             inner.inbox.entry(r.event_id).or_insert(now);
         }
-        for m in unit.outbox.into_iter().filter(|m| {
-            if m.raw.is_some() {
-                true
-            } else {
-                keeps(&m.key)
-            }
-        }) {
+        for m in unit
+            .outbox
+            .into_iter()
+            .filter(|m| if m.raw.is_some() { true } else { keeps(&m.key) })
+        {
             if m.raw.is_some() && inner.outbox.iter().any(|r| r.id == m.event_id) {
                 continue; // the same letter again
             }
@@ -213,7 +217,10 @@ impl Repository for MemoryRepository {
         let mut claimed = Vec::new();
         for row in &mut inner.outbox {
             let free = row.claimed_until.is_none_or(|t| t < now);
-            if claimed.len() < limit && row.published_at.is_none() && free && heads.contains(&row.key)
+            if claimed.len() < limit
+                && row.published_at.is_none()
+                && free
+                && heads.contains(&row.key)
             {
                 row.claimed_by = Some(relay);
                 row.claimed_until = Some(after(now, lease));
@@ -223,7 +230,12 @@ impl Repository for MemoryRepository {
         Ok(claimed)
     }
 
-    async fn renew_outbox_lease(&self, relay: Uuid, ids: &[Uuid], lease: Duration) -> StoreResult<u64> {
+    async fn renew_outbox_lease(
+        &self,
+        relay: Uuid,
+        ids: &[Uuid],
+        lease: Duration,
+    ) -> StoreResult<u64> {
         let mut inner = self.lock();
         let until = after(chrono::Utc::now(), lease);
         let mut n = 0;

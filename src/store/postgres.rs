@@ -77,12 +77,11 @@ fn json<T: DeserializeOwned>(row: &PgRow, column: &str, id: &str) -> StoreResult
 fn batch_from_row(row: &PgRow) -> StoreResult<Batch> {
     let id: String = row.try_get("id")?;
     let status: String = row.try_get("status")?;
-    let status = crate::contracts::BatchStatus::parse(&status).ok_or_else(|| {
-        StoreError::Corrupt {
+    let status =
+        crate::contracts::BatchStatus::parse(&status).ok_or_else(|| StoreError::Corrupt {
             id: id.clone(),
             error: format!("unknown status `{status}`"),
-        }
-    })?;
+        })?;
     Ok(Batch {
         correlation_id: row.try_get("correlation_id")?,
         status,
@@ -107,6 +106,28 @@ fn to_json<T: serde::Serialize>(value: &T, id: &str) -> StoreResult<String> {
     })
 }
 
+macro_rules! update_batches {
+    () => {
+        "UPDATE batches b SET correlation_id = u.correlation_id, class_id = u.class_id, \
+           status = u.status, context = u.context::jsonb, pipeline_state = u.pipeline::jsonb, \
+           orchestration = u.orchestration::jsonb, total_essays = u.total, \
+           failed_essay_ids = u.failed::jsonb, parked_request = u.parked::jsonb, \
+           error_details = u.errors::jsonb, updated_at = u.updated, \
+           completed_at = u.completed, version = b.version + 1 \
+         FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], \
+                     $7::text[], $8::text[], $9::int[], $10::text[], $11::text[], $12::text[], \
+                     $13::timestamptz[], $14::timestamptz[]) \
+           AS u(id, expected, correlation_id, class_id, status, context, pipeline, \
+                orchestration, total, failed, parked, errors, updated, completed) \
+         WHERE b.id = u.id AND b.version = u.expected"
+    };
+}
+
+/// Rewrites each batch of a [`BatchColumns`] whose version is still the one
+/// decided on (the version check, per row).
+pub(crate) const UPDATE_BATCHES: &str = update_batches!();
+const UPDATE_BATCHES_RETURNING: &str = concat!(update_batches!(), " RETURNING b.id, b.version");
+
 /// The batch columns of many writes, as arrays for one `UNNEST` statement.
 #[derive(Default)]
 pub(crate) struct BatchColumns {
@@ -128,6 +149,28 @@ pub(crate) struct BatchColumns {
 }
 
 impl BatchColumns {
+    /// Binds the columns to [`UPDATE_BATCHES`] (or a statement with its parameters).
+    pub(crate) fn bind_update<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.expected)
+            .bind(&self.correlations)
+            .bind(&self.class_ids)
+            .bind(&self.statuses)
+            .bind(&self.contexts)
+            .bind(&self.pipelines)
+            .bind(&self.orchestrations)
+            .bind(&self.totals)
+            .bind(&self.failed)
+            .bind(&self.parked)
+            .bind(&self.errors)
+            .bind(&self.updated)
+            .bind(&self.completed)
+    }
+
     pub(crate) fn push(&mut self, w: &BatchWrite) -> StoreResult<()> {
         let b = &w.batch;
         self.ids.push(b.id.clone());
@@ -190,7 +233,8 @@ impl PgRepository {
         let started = Instant::now();
         let tx = self.pool.begin().await;
         if let Some(m) = &self.metrics {
-            m.db_acquire_seconds.observe(started.elapsed().as_secs_f64());
+            m.db_acquire_seconds
+                .observe(started.elapsed().as_secs_f64());
         }
         Ok(tx?)
     }
@@ -234,38 +278,15 @@ impl PgRepository {
         }
         // 2. The updates that can win, in one statement.
         if !columns.ids.is_empty() {
-            let rows: Vec<(String, i64)> = sqlx::query_as(
-                "UPDATE batches b SET correlation_id = u.correlation_id, class_id = u.class_id, \
-                   status = u.status, context = u.context::jsonb, pipeline_state = u.pipeline::jsonb, \
-                   orchestration = u.orchestration::jsonb, total_essays = u.total, \
-                   failed_essay_ids = u.failed::jsonb, parked_request = u.parked::jsonb, \
-                   error_details = u.errors::jsonb, updated_at = u.updated, \
-                   completed_at = u.completed, version = b.version + 1 \
-                 FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], \
-                             $7::text[], $8::text[], $9::int[], $10::text[], $11::text[], $12::text[], \
-                             $13::timestamptz[], $14::timestamptz[]) \
-                   AS u(id, expected, correlation_id, class_id, status, context, pipeline, \
-                        orchestration, total, failed, parked, errors, updated, completed) \
-                 WHERE b.id = u.id AND b.version = u.expected \
-                 RETURNING b.id, b.version",
-            )
-            .bind(&columns.ids)
-            .bind(&columns.expected)
-            .bind(&columns.correlations)
-            .bind(&columns.class_ids)
-            .bind(&columns.statuses)
-            .bind(&columns.contexts)
-            .bind(&columns.pipelines)
-            .bind(&columns.orchestrations)
-            .bind(&columns.totals)
-            .bind(&columns.failed)
-            .bind(&columns.parked)
-            .bind(&columns.errors)
-            .bind(&columns.updated)
-            .bind(&columns.completed)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(StoreError::from)?;
+            let rows: Vec<(String, i64)> = columns
+                .bind_update(sqlx::query(UPDATE_BATCHES_RETURNING))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(StoreError::from)?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)?;
             for (id, version) in rows {
                 winners.insert(id.clone());
                 committed.versions.insert(id, version);
@@ -638,7 +659,10 @@ impl Repository for PgRepository {
 
     async fn ping(&self) -> StoreResult<()> {
         timed!(self, "ping", {
-            sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map(|_| ())
         })?;
         Ok(())
     }
@@ -742,7 +766,12 @@ impl Repository for PgRepository {
         Ok(rows)
     }
 
-    async fn renew_outbox_lease(&self, relay: Uuid, ids: &[Uuid], lease: Duration) -> StoreResult<u64> {
+    async fn renew_outbox_lease(
+        &self,
+        relay: Uuid,
+        ids: &[Uuid],
+        lease: Duration,
+    ) -> StoreResult<u64> {
         if ids.is_empty() {
             return Ok(0);
         }

@@ -157,7 +157,11 @@ fn published_samples() -> Vec<OutboundMessage> {
             credits: &answers,
         };
         let registered = rules
-            .register(&support::registration(class_id, 3), Uuid::new_v4(), &mut env)
+            .register(
+                &support::registration(class_id, 3),
+                Uuid::new_v4(),
+                &mut env,
+            )
             .unwrap();
         let mut batch: Batch = registered.batch.clone();
         out.extend(registered.messages);
@@ -581,7 +585,9 @@ fn what_the_platforms_models_refuse_is_a_decode_error() {
         (
             "retry_reason over 500 characters",
             topics::CLIENT_PIPELINE_REQUEST,
-            sample_with(request, |v| v["data"]["retry_reason"] = "r".repeat(501).into()),
+            sample_with(request, |v| {
+                v["data"]["retry_reason"] = "r".repeat(501).into();
+            }),
             "retry_reason",
         ),
         (
@@ -605,7 +611,10 @@ fn what_the_platforms_models_refuse_is_a_decode_error() {
             topics::PHASE_OUTCOME,
             sample_with("phase_outcome_spellcheck_partial.json", |v| {
                 let first = v["data"]["processed_essays"][0].clone();
-                v["data"]["processed_essays"].as_array_mut().unwrap().push(first);
+                v["data"]["processed_essays"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(first);
             }),
             "appears twice",
         ),
@@ -614,7 +623,10 @@ fn what_the_platforms_models_refuse_is_a_decode_error() {
             topics::CONTENT_PROVISIONING_COMPLETED,
             sample_with("content_provisioning_completed_guest.json", |v| {
                 let first = v["data"]["essays_for_processing"][0].clone();
-                v["data"]["essays_for_processing"].as_array_mut().unwrap().push(first);
+                v["data"]["essays_for_processing"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(first);
             }),
             "appears twice",
         ),
@@ -623,7 +635,10 @@ fn what_the_platforms_models_refuse_is_a_decode_error() {
             topics::BATCH_ESSAYS_READY,
             sample_with("batch_essays_ready.json", |v| {
                 let first = v["data"]["ready_essays"][0].clone();
-                v["data"]["ready_essays"].as_array_mut().unwrap().push(first);
+                v["data"]["ready_essays"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(first);
             }),
             "appears twice",
         ),
@@ -632,7 +647,10 @@ fn what_the_platforms_models_refuse_is_a_decode_error() {
             topics::STUDENT_ASSOCIATIONS_CONFIRMED,
             sample_with("student_associations_confirmed.json", |v| {
                 let first = v["data"]["associations"][0].clone();
-                v["data"]["associations"].as_array_mut().unwrap().push(first);
+                v["data"]["associations"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(first);
             }),
             "appears twice",
         ),
@@ -641,7 +659,10 @@ fn what_the_platforms_models_refuse_is_a_decode_error() {
             topics::VALIDATION_ERRORS,
             sample_with("validation_errors_critical.json", |v| {
                 let first = v["data"]["failed_essays"][0].clone();
-                v["data"]["failed_essays"].as_array_mut().unwrap().push(first);
+                v["data"]["failed_essays"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(first);
             }),
             "appears twice",
         ),
@@ -681,23 +702,34 @@ fn the_platforms_defaults_and_stripping_apply() {
         }
     });
     let InboundEvent::AssociationsConfirmed(c) =
-        decode(topics::STUDENT_ASSOCIATIONS_CONFIRMED, &bytes).unwrap().event
+        decode(topics::STUDENT_ASSOCIATIONS_CONFIRMED, &bytes)
+            .unwrap()
+            .event
     else {
         panic!("associations")
     };
     let age = chrono::Utc::now() - c.associations[0].validated_at;
-    assert!(age.num_seconds().abs() < 60, "an absent validated_at means now");
+    assert!(
+        age.num_seconds().abs() < 60,
+        "an absent validated_at means now"
+    );
 }
 
 const SAMPLES: [(&str, &str); 7] = [
     ("batch_essays_ready.json", topics::BATCH_ESSAYS_READY),
-    ("client_pipeline_request_cj.json", topics::CLIENT_PIPELINE_REQUEST),
+    (
+        "client_pipeline_request_cj.json",
+        topics::CLIENT_PIPELINE_REQUEST,
+    ),
     (
         "content_provisioning_completed_guest.json",
         topics::CONTENT_PROVISIONING_COMPLETED,
     ),
     ("phase_outcome_cj_failed.json", topics::PHASE_OUTCOME),
-    ("phase_outcome_spellcheck_partial.json", topics::PHASE_OUTCOME),
+    (
+        "phase_outcome_spellcheck_partial.json",
+        topics::PHASE_OUTCOME,
+    ),
     (
         "student_associations_confirmed.json",
         topics::STUDENT_ASSOCIATIONS_CONFIRMED,
@@ -746,7 +778,9 @@ fn any_json() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
         any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
         ".{0,20}".prop_map(Value::from),
     ];
     leaf.prop_recursive(3, 16, 4, |inner| {

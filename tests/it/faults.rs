@@ -102,12 +102,15 @@ impl Lcg {
 
 const TARGETS: [&str; 4] = ["spellcheck", "nlp", "cj_assessment", "ai_feedback"];
 
+/// A batch's essays, its class (REGULAR) or none, and the requests still to make.
+type Plan = (Vec<EssayRef>, Option<String>, Vec<&'static str>);
+
 /// The upstream services' side of the run: what was sent, what is owed.
 struct Workload {
     up: Upstream,
     rng: Lcg,
     /// Per batch: essays, class (REGULAR) or not, requests still to make.
-    batches: HashMap<String, (Vec<EssayRef>, Option<String>, Vec<&'static str>)>,
+    batches: HashMap<String, Plan>,
     /// Request correlation id → batch.
     requests: HashMap<Uuid, String>,
     /// Poison payloads and how often each was sent, by topic.
@@ -141,7 +144,8 @@ impl Workload {
             chrono::Utc::now(),
             upstream::pipeline_request(batch, target, crate::support::TEACHER),
         );
-        self.twice(topics::CLIENT_PIPELINE_REQUEST, batch, &bytes).await;
+        self.twice(topics::CLIENT_PIPELINE_REQUEST, batch, &bytes)
+            .await;
     }
 
     async fn start_batch(&mut self, id: &str) {
@@ -151,9 +155,11 @@ impl Workload {
         // Some requests come before the content (they park).
         if self.rng.chance(20) {
             self.request(id, first).await;
-            self.event(topics::CONTENT_PROVISIONING_COMPLETED, id, provision).await;
+            self.event(topics::CONTENT_PROVISIONING_COMPLETED, id, provision)
+                .await;
         } else {
-            self.event(topics::CONTENT_PROVISIONING_COMPLETED, id, provision).await;
+            self.event(topics::CONTENT_PROVISIONING_COMPLETED, id, provision)
+                .await;
             self.request(id, first).await;
         }
         if let Some(r) = self.batches.get_mut(id) {
@@ -184,13 +190,20 @@ impl Workload {
             let Some((essays, class_id, _)) = self.batches.get(&batch).cloned() else {
                 continue;
             };
-            let correlation: Uuid = m.value["correlation_id"].as_str().unwrap_or_default().parse().unwrap_or_default();
+            let correlation: Uuid = m.value["correlation_id"]
+                .as_str()
+                .unwrap_or_default()
+                .parse()
+                .unwrap_or_default();
             if let Some(phase) = upstream::phase_of_command(&m.topic) {
                 let dispatched: Vec<EssayRef> =
-                    serde_json::from_value(m.value["data"]["essays_to_process"].clone()).unwrap_or_default();
-                let (failed, processed): (Vec<_>, Vec<_>) = dispatched.into_iter().partition(|_| self.rng.chance(10));
+                    serde_json::from_value(m.value["data"]["essays_to_process"].clone())
+                        .unwrap_or_default();
+                let (failed, processed): (Vec<_>, Vec<_>) =
+                    dispatched.into_iter().partition(|_| self.rng.chance(10));
                 let failed: Vec<String> = failed.into_iter().map(|e| e.essay_id).collect();
-                let outcome = upstream::phase_outcome(&batch, phase, &processed, &failed, correlation);
+                let outcome =
+                    upstream::phase_outcome(&batch, phase, &processed, &failed, correlation);
                 let bytes = upstream::envelope_json(
                     topics::PHASE_OUTCOME,
                     "essay_lifecycle_service",
@@ -208,17 +221,24 @@ impl Workload {
                 let class = class_id.unwrap_or_default();
                 let ids: Vec<String> = essays.iter().map(|e| e.essay_id.clone()).collect();
                 let now = chrono::Utc::now();
-                let confirm = upstream::associations_confirmed(&batch, &class, CourseCode::Eng5, &ids, now);
-                let ready = upstream::essays_ready(&batch, CourseCode::Eng5, "REGULAR", &essays, now);
+                let confirm =
+                    upstream::associations_confirmed(&batch, &class, CourseCode::Eng5, &ids, now);
+                let ready =
+                    upstream::essays_ready(&batch, CourseCode::Eng5, "REGULAR", &essays, now);
                 if self.rng.chance(50) {
                     self.event(topics::BATCH_ESSAYS_READY, &batch, ready).await;
-                    self.event(topics::STUDENT_ASSOCIATIONS_CONFIRMED, &batch, confirm).await;
+                    self.event(topics::STUDENT_ASSOCIATIONS_CONFIRMED, &batch, confirm)
+                        .await;
                 } else {
-                    self.event(topics::STUDENT_ASSOCIATIONS_CONFIRMED, &batch, confirm).await;
+                    self.event(topics::STUDENT_ASSOCIATIONS_CONFIRMED, &batch, confirm)
+                        .await;
                     self.event(topics::BATCH_ESSAYS_READY, &batch, ready).await;
                 }
             } else if m.topic == topics::PIPELINE_COMPLETED || m.topic == topics::PIPELINE_DENIED {
-                let next = self.batches.get_mut(&batch).and_then(|b| (!b.2.is_empty()).then(|| b.2.remove(0)));
+                let next = self
+                    .batches
+                    .get_mut(&batch)
+                    .and_then(|b| (!b.2.is_empty()).then(|| b.2.remove(0)));
                 if let Some(target) = next {
                     self.request(&batch, target).await;
                 }
@@ -246,16 +266,30 @@ async fn explain(repo: &Arc<dyn Repository>, pool: &sqlx::PgPool, batch: &str) -
         Ok(Some(b)) => format!(
             "status {} run {:?} phases {:?}",
             b.status,
-            b.orchestration.current_run.as_ref().map(|r| (r.requested_pipeline, r.current, &r.phases)),
-            [PhaseName::Spellcheck, PhaseName::Nlp, PhaseName::CjAssessment, PhaseName::AiFeedback, PhaseName::StudentMatching]
-                .map(|p| (p, b.pipeline.phase(p).status)),
+            b.orchestration.current_run.as_ref().map(|r| (
+                r.requested_pipeline,
+                r.current,
+                &r.phases
+            )),
+            [
+                PhaseName::Spellcheck,
+                PhaseName::Nlp,
+                PhaseName::CjAssessment,
+                PhaseName::AiFeedback,
+                PhaseName::StudentMatching
+            ]
+            .map(|p| (p, b.pipeline.phase(p).status)),
         ),
         other => format!("{other:?}"),
     };
     let outbox: Vec<String> = repo
         .outbox_rows(Some(batch))
         .await
-        .map(|rows| rows.iter().map(|r| format!("{}@{}", r.topic, r.published_at.is_some())).collect())
+        .map(|rows| {
+            rows.iter()
+                .map(|r| format!("{}@{}", r.topic, r.published_at.is_some()))
+                .collect()
+        })
         .unwrap_or_default();
     let inbox: Vec<(String, i64)> = sqlx::query_as(
         "SELECT topic, count(*) FROM processed_events WHERE batch_id = $1 GROUP BY topic ORDER BY topic",
@@ -299,13 +333,18 @@ async fn scenario(name: &str, faults: Faults) -> Report {
         panic!("the fault matrix needs the mock cluster (unset KAFKA_BOOTSTRAP_SERVERS)");
     };
     let mut kafka = kafka_settings(&cluster);
-    kafka.librdkafka.insert("message.timeout.ms".into(), "5000".into());
+    kafka
+        .librdkafka
+        .insert("message.timeout.ms".into(), "5000".into());
     // A member that died is noticed within 3 s (faults come every few seconds).
-    kafka.librdkafka.insert("session.timeout.ms".into(), "3000".into());
+    kafka
+        .librdkafka
+        .insert("session.timeout.ms".into(), "3000".into());
     cluster.create_topics(&kafka.topic_prefix, 4).await;
     // The database: the shared server, or a cluster of the scenario's own to restart.
     let own = faults.restart_database.then(|| {
-        let dir = crate::support::pg::target_dir().join(format!("fault-pg-{}", Uuid::new_v4().simple()));
+        let dir =
+            crate::support::pg::target_dir().join(format!("fault-pg-{}", Uuid::new_v4().simple()));
         let c = PgCluster::init(&dir).expect("initdb");
         c.start().expect("pg_ctl start");
         Arc::new(c)
@@ -329,14 +368,22 @@ async fn scenario(name: &str, faults: Faults) -> Report {
     ] {
         env.insert(k.to_owned(), v.to_owned());
     }
-    let mut workers = vec![BosProcess::start("worker-a", "run", &env), BosProcess::start("worker-b", "run", &env)];
+    let mut workers = vec![
+        BosProcess::start("worker-a", "run", &env),
+        BosProcess::start("worker-b", "run", &env),
+    ];
     let mut relays = vec![BosProcess::start("relay-1", "relay", &env)];
     if faults.relay_race {
         relays.push(BosProcess::start("relay-2", "relay", &env));
         relays.push(BosProcess::start("relay-3", "relay", &env));
     }
     for p in workers.iter().chain(&relays) {
-        assert!(p.ready(Duration::from_secs(60)).await, "{} never ready: {:?}", p.name, p.log());
+        assert!(
+            p.ready(Duration::from_secs(60)).await,
+            "{} never ready: {:?}",
+            p.name,
+            p.log()
+        );
     }
     let observer = Observer::published(&kafka);
     let mut w = Workload {
@@ -354,14 +401,21 @@ async fn scenario(name: &str, faults: Faults) -> Report {
         let regular = w.rng.chance(30);
         let (mut batch, _) = new_batch(0);
         batch.context.class_id = regular.then(|| format!("class-{i}"));
-        let essays: Vec<EssayRef> = (0..2 + (i % 3)).map(|e| EssayRef::new(format!("b{i}-e{e}"), format!("s{i}-{e}"))).collect();
+        let essays: Vec<EssayRef> = (0..2 + (i % 3))
+            .map(|e| EssayRef::new(format!("b{i}-e{e}"), format!("s{i}-{e}")))
+            .collect();
         let mut requests = vec![w.rng.pick(&TARGETS)];
         if w.rng.chance(30) {
             requests.push(w.rng.pick(&TARGETS));
         }
-        w.batches.insert(batch.id.clone(), (essays, batch.context.class_id.clone(), requests));
+        w.batches.insert(
+            batch.id.clone(),
+            (essays, batch.context.class_id.clone(), requests),
+        );
         ids.push(batch.id.clone());
-        repo.commit(UnitOfWork::create(batch, Vec::new())).await.unwrap();
+        repo.commit(UnitOfWork::create(batch, Vec::new()))
+            .await
+            .unwrap();
     }
     // The fault injector runs while the workload does.
     let (stop_faults, mut faults_stopped) = tokio::sync::watch::channel(false);
@@ -409,10 +463,13 @@ async fn scenario(name: &str, faults: Faults) -> Report {
                     match procs[i].wait(Duration::from_secs(40)).await {
                         Some(status) if status.success() => {
                             if !procs[i].logged("drain complete") {
-                                problems.push(format!("{} exited 0 without draining", procs[i].name));
+                                problems
+                                    .push(format!("{} exited 0 without draining", procs[i].name));
                             }
                         }
-                        other => problems.push(format!("{} after SIGTERM: {other:?}", procs[i].name)),
+                        other => {
+                            problems.push(format!("{} after SIGTERM: {other:?}", procs[i].name));
+                        }
                     }
                     procs[i] = procs[i].restart();
                     count += 1;
@@ -440,7 +497,11 @@ async fn scenario(name: &str, faults: Faults) -> Report {
                     // Two outages, shorter and then longer than the producers'
                     // message timeout (5 s); every round, errors on produce,
                     // fetch and commit requests.
-                    let errors = Some(vec![RDKafkaApiKey::Produce, RDKafkaApiKey::Fetch, RDKafkaApiKey::OffsetCommit]);
+                    let errors = Some(vec![
+                        RDKafkaApiKey::Produce,
+                        RDKafkaApiKey::Fetch,
+                        RDKafkaApiKey::OffsetCommit,
+                    ]);
                     if broker_outages < 2 {
                         let outage = if broker_outages == 0 { 2 } else { 8 };
                         let _ = broker_tx.send((true, None));
@@ -478,7 +539,11 @@ async fn scenario(name: &str, faults: Faults) -> Report {
         (task, broker_rx)
     };
     let (injector, mut broker_rx) = injector;
-    let poison_topics = [topics::PHASE_OUTCOME, topics::CLIENT_PIPELINE_REQUEST, topics::BATCH_ESSAYS_READY];
+    let poison_topics = [
+        topics::PHASE_OUTCOME,
+        topics::CLIENT_PIPELINE_REQUEST,
+        topics::BATCH_ESSAYS_READY,
+    ];
     // Spread over ~16 s, so the faults meet work in flight; the faults go on
     // until every request is answered.
     let per_tick = (batches / 80).max(1);
@@ -487,7 +552,11 @@ async fn scenario(name: &str, faults: Faults) -> Report {
         let answered: HashSet<Uuid> = seen
             .iter()
             .filter(|s| s.topic == topics::PIPELINE_COMPLETED || s.topic == topics::PIPELINE_DENIED)
-            .filter_map(|s| s.value["correlation_id"].as_str().and_then(|c| c.parse().ok()))
+            .filter_map(|s| {
+                s.value["correlation_id"]
+                    .as_str()
+                    .and_then(|c| c.parse().ok())
+            })
             .collect();
         w.requests.keys().filter(|c| !answered.contains(c)).count()
             + w.batches.values().map(|b| b.2.len()).sum::<usize>()
@@ -501,17 +570,25 @@ async fn scenario(name: &str, faults: Faults) -> Report {
         // broker: the mock cluster lives in this task.
         let round = async {
             if next < ids.len() {
-                for id in ids[next..(next + per_tick).min(ids.len())].to_vec() {
-                    w.start_batch(&id).await;
+                for id in &ids[next..(next + per_tick).min(ids.len())] {
+                    w.start_batch(id).await;
                     if w.rng.chance(5) {
                         let topic = w.rng.pick(&poison_topics);
                         let bytes = if w.rng.chance(50) {
                             format!("{{not json {id}").into_bytes()
                         } else {
-                            envelope(topic, Uuid::new_v4(), upstream::pipeline_request(&format!("no-such-{id}"), "nlp", "t"))
+                            envelope(
+                                topic,
+                                Uuid::new_v4(),
+                                upstream::pipeline_request(&format!("no-such-{id}"), "nlp", "t"),
+                            )
                         };
-                        let topic = if bytes.starts_with(b"{\"") { topics::CLIENT_PIPELINE_REQUEST } else { topic };
-                        w.poison(topic, &id, bytes).await;
+                        let topic = if bytes.starts_with(b"{\"") {
+                            topics::CLIENT_PIPELINE_REQUEST
+                        } else {
+                            topic
+                        };
+                        w.poison(topic, id, bytes).await;
                     }
                 }
                 next += per_tick;
@@ -523,7 +600,12 @@ async fn scenario(name: &str, faults: Faults) -> Report {
         let seen = applying_broker_faults(round, &mut broker_rx, mock.cluster()).await;
         let due = answers_due(&w, &seen);
         if std::env::var_os("BOS_FAULT_TRACE").is_some() {
-            eprintln!("{:>6.1}s sent {} seen {} due {due}", started.elapsed().as_secs_f64(), w.events, seen.len());
+            eprintln!(
+                "{:>6.1}s sent {} seen {} due {due}",
+                started.elapsed().as_secs_f64(),
+                w.events,
+                seen.len()
+            );
         }
         let enough_faults = *rounds_rx.borrow() >= min_rounds;
         if next >= ids.len() {
@@ -538,7 +620,10 @@ async fn scenario(name: &str, faults: Faults) -> Report {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _ = stop_faults.send(true);
-    let (faults_injected, mut problems, mut procs, mut relays) = applying_broker_faults(injector, &mut broker_rx, mock.cluster()).await.unwrap();
+    let (faults_injected, mut problems, mut procs, mut relays) =
+        applying_broker_faults(injector, &mut broker_rx, mock.cluster())
+            .await
+            .unwrap();
     mock.cluster().broker_up(1).unwrap();
     // Settle: everything answered, the outbox drained, every letter out.
     let settle_by = Instant::now() + Duration::from_secs(180);
@@ -546,14 +631,19 @@ async fn scenario(name: &str, faults: Faults) -> Report {
         let seen = observer.all();
         w.respond(&seen).await;
         let due = answers_due(&w, &seen);
-        let unpublished = read("outbox stats", || repo.outbox_stats()).await.unpublished;
+        let unpublished = read("outbox stats", || repo.outbox_stats())
+            .await
+            .unpublished;
         if due == 0 && unpublished == 0 || Instant::now() > settle_by {
             break;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // Letters, read from the dead-letter topics.
-    let dlq_names: Vec<String> = poison_topics.iter().map(|t| kafka.topic(&format!("{t}{}", topics::DLQ_SUFFIX))).collect();
+    let dlq_names: Vec<String> = poison_topics
+        .iter()
+        .map(|t| kafka.topic(&format!("{t}{}", topics::DLQ_SUFFIX)))
+        .collect();
     let letters_observer = Observer::start(&kafka, &dlq_names);
     let expected_letters: usize = w.poison.values().sum();
     let letters_by = Instant::now() + Duration::from_secs(30);
@@ -581,20 +671,30 @@ async fn scenario(name: &str, faults: Faults) -> Report {
     for (key, sent) in &w.poison {
         let got = letter_ids.get(key).map_or(0, HashSet::len);
         if got != *sent {
-            problems.push(format!("poison on {} sent {sent} times, dead-lettered {got} times", key.0));
+            problems.push(format!(
+                "poison on {} sent {sent} times, dead-lettered {got} times",
+                key.0
+            ));
         }
     }
     // Decisions: one event id each; every request answered once.
     let seen = observer.all();
-    let mut decisions: BTreeMap<(String, String, String, String), HashSet<String>> = BTreeMap::new();
+    let mut decisions: BTreeMap<(String, String, String, String), HashSet<String>> =
+        BTreeMap::new();
     for s in &seen {
         crate::support::assert_valid_published(&s.topic, &s.value);
-        let kind = s.value["data"]["notification_type"].as_str().unwrap_or_default().to_owned();
+        let kind = s.value["data"]["notification_type"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         decisions
             .entry((
                 s.topic.clone(),
                 s.key.clone().unwrap_or_default(),
-                s.value["correlation_id"].as_str().unwrap_or_default().to_owned(),
+                s.value["correlation_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
                 kind,
             ))
             .or_default()
@@ -604,11 +704,14 @@ async fn scenario(name: &str, faults: Faults) -> Report {
     report.republished += seen.len() - decisions.values().map(HashSet::len).sum::<usize>();
     for (decision, ids) in &decisions {
         if ids.len() > 1 {
-            problems.push(format!("{decision:?} published under {} event ids", ids.len()));
+            problems.push(format!(
+                "{decision:?} published under {} event ids",
+                ids.len()
+            ));
         }
     }
     let mut answers: HashMap<Uuid, usize> = HashMap::new();
-    for ((topic, _, correlation, _), _) in &decisions {
+    for (topic, _, correlation, _) in decisions.keys() {
         if topic == topics::PIPELINE_COMPLETED || topic == topics::PIPELINE_DENIED {
             if let Ok(c) = correlation.parse() {
                 *answers.entry(c).or_default() += 1;
@@ -620,16 +723,23 @@ async fn scenario(name: &str, faults: Faults) -> Report {
             1 => {}
             0 => {
                 report.lost += 1;
-                problems.push(format!("request {correlation} of batch {batch} never answered: {}", explain(&repo, &database.pool, batch).await));
+                problems.push(format!(
+                    "request {correlation} of batch {batch} never answered: {}",
+                    explain(&repo, &database.pool, batch).await
+                ));
             }
             n => problems.push(format!("request {correlation} answered {n} times")),
         }
     }
     let pending: usize = w.batches.values().map(|b| b.2.len()).sum();
     if pending > 0 {
-        problems.push(format!("{pending} follow-up requests never sent (their batch never finished)"));
+        problems.push(format!(
+            "{pending} follow-up requests never sent (their batch never finished)"
+        ));
     }
-    let unpublished = read("outbox stats", || repo.outbox_stats()).await.unpublished;
+    let unpublished = read("outbox stats", || repo.outbox_stats())
+        .await
+        .unpublished;
     if unpublished != 0 {
         problems.push(format!("{unpublished} outbox rows left unpublished"));
     }
@@ -643,7 +753,14 @@ async fn scenario(name: &str, faults: Faults) -> Report {
             other => problems.push(format!("{} at the end: {other:?}", p.name)),
         }
         if p.logged("panicked") {
-            problems.push(format!("{} panicked: {:?}", p.name, p.log().iter().filter(|l| l.contains("panicked")).collect::<Vec<_>>()));
+            problems.push(format!(
+                "{} panicked: {:?}",
+                p.name,
+                p.log()
+                    .iter()
+                    .filter(|l| l.contains("panicked"))
+                    .collect::<Vec<_>>()
+            ));
         }
     }
     report.problems = problems;
@@ -675,37 +792,100 @@ fn check(report: &Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_worker_crash() {
-    check(&scenario("worker_crash", Faults { kill_workers: true, ..Faults::default() }).await);
+    check(
+        &scenario(
+            "worker_crash",
+            Faults {
+                kill_workers: true,
+                ..Faults::default()
+            },
+        )
+        .await,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_connection_loss() {
-    check(&scenario("connection_loss", Faults { cut_connections: true, ..Faults::default() }).await);
+    check(
+        &scenario(
+            "connection_loss",
+            Faults {
+                cut_connections: true,
+                ..Faults::default()
+            },
+        )
+        .await,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_database_restart() {
-    check(&scenario("database_restart", Faults { restart_database: true, ..Faults::default() }).await);
+    check(
+        &scenario(
+            "database_restart",
+            Faults {
+                restart_database: true,
+                ..Faults::default()
+            },
+        )
+        .await,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_broker_outage() {
-    check(&scenario("broker_outage", Faults { broker_outage: true, ..Faults::default() }).await);
+    check(
+        &scenario(
+            "broker_outage",
+            Faults {
+                broker_outage: true,
+                ..Faults::default()
+            },
+        )
+        .await,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_rebalance() {
-    check(&scenario("rebalance", Faults { rebalance: true, ..Faults::default() }).await);
+    check(
+        &scenario(
+            "rebalance",
+            Faults {
+                rebalance: true,
+                ..Faults::default()
+            },
+        )
+        .await,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_graceful_stop() {
-    check(&scenario("graceful_stop", Faults { graceful_stops: true, ..Faults::default() }).await);
+    check(
+        &scenario(
+            "graceful_stop",
+            Faults {
+                graceful_stops: true,
+                ..Faults::default()
+            },
+        )
+        .await,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_relay_race() {
-    check(&scenario("relay_race", Faults { relay_race: true, ..Faults::default() }).await);
+    check(
+        &scenario(
+            "relay_race",
+            Faults {
+                relay_race: true,
+                ..Faults::default()
+            },
+        )
+        .await,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,7 +60,7 @@ impl Api {
         if let Some(c) = credits {
             builder = builder.credit_policy(c);
         }
-        let app = TestApp::spawn_with(builder, &s, Role::Worker).await;
+        let app = TestApp::spawn_with(builder, Role::Worker).await;
         Self {
             cluster,
             app,
@@ -69,7 +69,10 @@ impl Api {
     }
 
     async fn register(&self, body: Value) -> String {
-        let (status, reply) = self.app.call("POST", "/v1/batches/register", &[], Some(body)).await;
+        let (status, reply) = self
+            .app
+            .call("POST", "/v1/batches/register", &[], Some(body))
+            .await;
         assert_eq!(status, 202, "{reply}");
         reply["batch_id"].as_str().unwrap().to_owned()
     }
@@ -110,7 +113,12 @@ async fn register_then_read_status_and_pipeline_state() {
     let corr = "7f9c0a3e-2b1d-4c55-9a3e-0b1d8e27f4c9";
     let (status, reply) = api
         .app
-        .call("POST", "/v1/batches/register", &[("x-correlation-id", corr)], Some(body()))
+        .call(
+            "POST",
+            "/v1/batches/register",
+            &[("x-correlation-id", corr)],
+            Some(body()),
+        )
         .await;
     assert_eq!(status, 202, "{reply}");
     assert_eq!(reply["status"], "registered");
@@ -119,22 +127,40 @@ async fn register_then_read_status_and_pipeline_state() {
     let outbox = api.app.repo.outbox_rows(Some(&id)).await.unwrap();
     assert_eq!(outbox.len(), 1);
     assert_eq!(outbox[0].topic, topics::BATCH_ESSAYS_REGISTERED);
-    crate::support::assert_valid_published(&outbox[0].topic, &serde_json::from_str(&outbox[0].payload).unwrap());
+    crate::support::assert_valid_published(
+        &outbox[0].topic,
+        &serde_json::from_str(&outbox[0].payload).unwrap(),
+    );
     let (status, reply) = api.app.get(&format!("/v1/batches/{id}/status")).await;
     assert_eq!(status, 200);
     assert_eq!(reply["batch_id"], id.as_str());
     assert_eq!(reply["batch_context"]["course_code"], "SV2");
     assert_eq!(reply["batch_context"]["expected_essay_count"], 3);
     assert_eq!(reply["batch_context"]["user_id"], TEACHER);
-    assert_eq!(reply["pipeline_state"]["spellcheck"]["status"], "skipped_by_user_config");
-    let (status, reply) = api.app.get(&format!("/internal/v1/batches/{id}/pipeline-state")).await;
+    assert_eq!(
+        reply["pipeline_state"]["spellcheck"]["status"],
+        "skipped_by_user_config"
+    );
+    let (status, reply) = api
+        .app
+        .get(&format!("/internal/v1/batches/{id}/pipeline-state"))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(reply["user_id"], TEACHER);
     assert_eq!(reply["pipeline_state"]["requested_pipelines"], json!([]));
     let (status, reply) = api.app.get("/v1/batches/nope/status").await;
-    assert_eq!((status, reply["error"].as_str()), (404, Some("Batch not found")));
-    let (status, reply) = api.app.get("/internal/v1/batches/nope/pipeline-state").await;
-    assert_eq!((status, reply["error"].as_str()), (404, Some("Pipeline state not found for batch")));
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (404, Some("Batch not found"))
+    );
+    let (status, reply) = api
+        .app
+        .get("/internal/v1/batches/nope/pipeline-state")
+        .await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (404, Some("Pipeline state not found for batch"))
+    );
     api.finish().await;
 }
 
@@ -144,7 +170,10 @@ async fn bad_registrations_name_their_fields() {
     let mut bad = body();
     bad["expected_essay_count"] = json!(2);
     bad["cj_default_temperature"] = json!(9);
-    let (status, reply) = api.app.call("POST", "/v1/batches/register", &[], Some(bad)).await;
+    let (status, reply) = api
+        .app
+        .call("POST", "/v1/batches/register", &[], Some(bad))
+        .await;
     assert_eq!(status, 400);
     assert_eq!(reply["error"], "Validation Error");
     let fields: Vec<&str> = reply["details"]
@@ -156,12 +185,24 @@ async fn bad_registrations_name_their_fields() {
     assert_eq!(fields, ["essay_ids", "cj_default_temperature"]);
     let mut wrong = body();
     wrong["course_code"] = json!("ENG9");
-    let (status, reply) = api.app.call("POST", "/v1/batches/register", &[], Some(wrong)).await;
+    let (status, reply) = api
+        .app
+        .call("POST", "/v1/batches/register", &[], Some(wrong))
+        .await;
     assert_eq!(status, 400);
-    assert!(reply["details"][0]["msg"].as_str().unwrap().contains("ENG9"));
+    assert!(reply["details"][0]["msg"]
+        .as_str()
+        .unwrap()
+        .contains("ENG9"));
     for empty in [json!({}), Value::Null] {
-        let (status, reply) = api.app.call("POST", "/v1/batches/register", &[], Some(empty)).await;
-        assert_eq!((status, reply["error"].as_str()), (400, Some("Request body must be valid JSON")));
+        let (status, reply) = api
+            .app
+            .call("POST", "/v1/batches/register", &[], Some(empty))
+            .await;
+        assert_eq!(
+            (status, reply["error"].as_str()),
+            (400, Some("Request body must be valid JSON"))
+        );
     }
     api.finish().await;
 }
@@ -174,22 +215,60 @@ async fn preflight_answers_like_the_platform_without_changing_anything() {
     let before = api.app.repo.get_batch(&id).await.unwrap().unwrap();
     let corr = "0f3b5c9e-8d41-4a6b-9e2a-5a4c3d2b1a00";
     let preflight = |phase: &str| format!("/internal/v1/batches/{id}/pipelines/{phase}/preflight");
-    let (status, reply) = api.app.call("POST", &preflight("cj_assessment"), &[("X-Correlation-ID", corr)], None).await;
+    let (status, reply) = api
+        .app
+        .call(
+            "POST",
+            &preflight("cj_assessment"),
+            &[("X-Correlation-ID", corr)],
+            None,
+        )
+        .await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["allowed"], true);
-    assert_eq!(reply["resolved_pipeline"], json!(["spellcheck", "cj_assessment"]));
+    assert_eq!(
+        reply["resolved_pipeline"],
+        json!(["spellcheck", "cj_assessment"])
+    );
     assert_eq!(reply["required_credits"], 3);
-    assert_eq!(reply["resource_breakdown"], json!({"cj_comparison": 3, "ai_feedback_generation": 0}));
+    assert_eq!(
+        reply["resource_breakdown"],
+        json!({"cj_comparison": 3, "ai_feedback_generation": 0})
+    );
     assert_eq!(reply["correlation_id"], corr, "X-Correlation-ID is used");
-    let (status, reply) = api.app.call("POST", &preflight("ai_feedback"), &[], None).await;
+    let (status, reply) = api
+        .app
+        .call("POST", &preflight("ai_feedback"), &[], None)
+        .await;
     assert_eq!(status, 200, "3 ≤ 4 credits: {reply}");
-    assert_eq!(reply["resolved_pipeline"], json!(["spellcheck", "nlp", "ai_feedback"]));
+    assert_eq!(
+        reply["resolved_pipeline"],
+        json!(["spellcheck", "nlp", "ai_feedback"])
+    );
     // Unknown batch first, whatever the phase.
-    let (status, reply) = api.app.call("POST", "/internal/v1/batches/nope/pipelines/grading/preflight", &[], None).await;
-    assert_eq!((status, reply["error"].as_str()), (404, Some("Batch not found")));
-    let (status, reply) = api.app.call("POST", &preflight("student_matching"), &[], None).await;
+    let (status, reply) = api
+        .app
+        .call(
+            "POST",
+            "/internal/v1/batches/nope/pipelines/grading/preflight",
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (404, Some("Batch not found"))
+    );
+    let (status, reply) = api
+        .app
+        .call("POST", &preflight("student_matching"), &[], None)
+        .await;
     assert_eq!(status, 400, "{reply}");
-    assert_eq!(api.app.repo.get_batch(&id).await.unwrap().unwrap(), before, "preflight changes nothing");
+    assert_eq!(
+        api.app.repo.get_batch(&id).await.unwrap().unwrap(),
+        before,
+        "preflight changes nothing"
+    );
     api.finish().await;
 
     // Short of credits: 402 with the reason; rate-limited: 429 with the reason.
@@ -198,11 +277,20 @@ async fn preflight_answers_like_the_platform_without_changing_anything() {
     api.provision(&id, 3).await;
     let (status, reply) = api
         .app
-        .call("POST", &format!("/internal/v1/batches/{id}/pipelines/cj_assessment/preflight"), &[], None)
+        .call(
+            "POST",
+            &format!("/internal/v1/batches/{id}/pipelines/cj_assessment/preflight"),
+            &[],
+            None,
+        )
         .await;
     assert_eq!(status, 402);
     assert_eq!(
-        (reply["allowed"].as_bool(), reply["available_credits"].as_i64(), reply["denial_reason"].as_str()),
+        (
+            reply["allowed"].as_bool(),
+            reply["available_credits"].as_i64(),
+            reply["denial_reason"].as_str()
+        ),
         (Some(false), Some(2), Some("insufficient_credits"))
     );
     api.finish().await;
@@ -211,24 +299,48 @@ async fn preflight_answers_like_the_platform_without_changing_anything() {
     api.provision(&id, 3).await;
     let (status, reply) = api
         .app
-        .call("POST", &format!("/internal/v1/batches/{id}/pipelines/ai_feedback/preflight"), &[], None)
+        .call(
+            "POST",
+            &format!("/internal/v1/batches/{id}/pipelines/ai_feedback/preflight"),
+            &[],
+            None,
+        )
         .await;
-    assert_eq!((status, reply["denial_reason"].as_str()), (429, Some("rate_limit_exceeded")));
+    assert_eq!(
+        (status, reply["denial_reason"].as_str()),
+        (429, Some("rate_limit_exceeded"))
+    );
     // Nothing billable: no question asked, allowed.
     let (status, reply) = api
         .app
-        .call("POST", &format!("/internal/v1/batches/{id}/pipelines/spellcheck/preflight"), &[], None)
+        .call(
+            "POST",
+            &format!("/internal/v1/batches/{id}/pipelines/spellcheck/preflight"),
+            &[],
+            None,
+        )
         .await;
     assert_eq!((status, reply["allowed"].as_bool()), (200, Some(true)));
     // No prompt: 400 with the reason (the original answered 500).
     let mut no_prompt = body();
-    no_prompt.as_object_mut().unwrap().remove("student_prompt_ref");
+    no_prompt
+        .as_object_mut()
+        .unwrap()
+        .remove("student_prompt_ref");
     let bare = api.register(no_prompt).await;
     let (status, reply) = api
         .app
-        .call("POST", &format!("/internal/v1/batches/{bare}/pipelines/nlp/preflight"), &[], None)
+        .call(
+            "POST",
+            &format!("/internal/v1/batches/{bare}/pipelines/nlp/preflight"),
+            &[],
+            None,
+        )
         .await;
-    assert_eq!((status, reply["denial_reason"].as_str()), (400, Some("prompt_not_attached")));
+    assert_eq!(
+        (status, reply["denial_reason"].as_str()),
+        (400, Some("prompt_not_attached"))
+    );
     assert_eq!(reply["allowed"], false);
     api.finish().await;
 }
@@ -237,50 +349,107 @@ async fn preflight_answers_like_the_platform_without_changing_anything() {
 async fn prompt_amendment_answers_as_the_original() {
     let api = Api::start(None, None).await;
     let mut no_prompt = body();
-    no_prompt.as_object_mut().unwrap().remove("student_prompt_ref");
+    no_prompt
+        .as_object_mut()
+        .unwrap()
+        .remove("student_prompt_ref");
     let id = api.register(no_prompt).await;
     let uri = format!("/v1/batches/{id}/prompt");
     let prompt = json!({"student_prompt_ref": {"references": {"student_prompt_text": {"storage_id": "prompt-9", "path": ""}}}});
     let owner = [("x-user-id", TEACHER)];
     let (status, reply) = api.app.call("PATCH", &uri, &[], Some(prompt.clone())).await;
-    assert_eq!((status, reply["error"].as_str()), (401, Some("User authentication required")));
-    let (status, reply) = api.app.call("PATCH", &uri, &[("x-user-id", "someone")], Some(prompt.clone())).await;
-    assert_eq!((status, reply["error"].as_str()), (403, Some("Batch not owned by user")));
-    let (status, reply) = api.app.call("PATCH", "/v1/batches/nope/prompt", &owner, Some(prompt.clone())).await;
-    assert_eq!((status, reply["error"].as_str()), (404, Some("Batch not found")));
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (401, Some("User authentication required"))
+    );
+    let (status, reply) = api
+        .app
+        .call(
+            "PATCH",
+            &uri,
+            &[("x-user-id", "someone")],
+            Some(prompt.clone()),
+        )
+        .await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (403, Some("Batch not owned by user"))
+    );
+    let (status, reply) = api
+        .app
+        .call(
+            "PATCH",
+            "/v1/batches/nope/prompt",
+            &owner,
+            Some(prompt.clone()),
+        )
+        .await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (404, Some("Batch not found"))
+    );
     for bad in [
         json!({"student_prompt_ref": {"references": {"original_essay": {"storage_id": "x", "path": ""}}}}),
         json!({"student_prompt_ref": {"references": {"student_prompt_text": {"storage_id": " ", "path": ""}}}}),
         json!({"student_prompt_ref": null}),
     ] {
         let (status, reply) = api.app.call("PATCH", &uri, &owner, Some(bad.clone())).await;
-        assert_eq!((status, reply["error"].as_str()), (400, Some("Invalid student_prompt_ref")), "{bad}");
+        assert_eq!(
+            (status, reply["error"].as_str()),
+            (400, Some("Invalid student_prompt_ref")),
+            "{bad}"
+        );
     }
     let (status, reply) = api.app.call("PATCH", &uri, &owner, Some(json!({}))).await;
-    assert_eq!((status, reply["error"].as_str()), (400, Some("Request body must be valid JSON")));
-    let (status, reply) = api.app.call("PATCH", &uri, &owner, Some(prompt.clone())).await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (400, Some("Request body must be valid JSON"))
+    );
+    let (status, reply) = api
+        .app
+        .call("PATCH", &uri, &owner, Some(prompt.clone()))
+        .await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["status"], "success");
     assert_eq!(reply["batch_id"], id.as_str());
     assert_eq!(reply["student_prompt_ref"], prompt["student_prompt_ref"]);
     let stored = api.app.repo.get_batch(&id).await.unwrap().unwrap();
     assert_eq!(
-        stored.context.student_prompt_ref.unwrap().references.values().next().unwrap().storage_id,
+        stored
+            .context
+            .student_prompt_ref
+            .unwrap()
+            .references
+            .values()
+            .next()
+            .unwrap()
+            .storage_id,
         "prompt-9"
     );
     // Once a run is going: 409.
     api.provision(&id, 1).await;
     let up = Upstream::new(&api.settings.kafka);
-    up.send(topics::CLIENT_PIPELINE_REQUEST, &id, uuid::Uuid::new_v4(), upstream::pipeline_request(&id, "nlp", TEACHER)).await;
+    up.send(
+        topics::CLIENT_PIPELINE_REQUEST,
+        &id,
+        uuid::Uuid::new_v4(),
+        upstream::pipeline_request(&id, "nlp", TEACHER),
+    )
+    .await;
     let repo = api.app.repo.clone();
     let wait_id = id.clone();
     eventually(Duration::from_secs(30), "the run started", || {
         let (repo, id) = (repo.clone(), wait_id.clone());
-        async move { repo.get_batch(&id).await.unwrap().unwrap().status == BatchStatus::ProcessingPipelines }
+        async move {
+            repo.get_batch(&id).await.unwrap().unwrap().status == BatchStatus::ProcessingPipelines
+        }
     })
     .await;
     let (status, reply) = api.app.call("PATCH", &uri, &owner, Some(prompt)).await;
-    assert_eq!((status, reply["error"].as_str()), (409, Some("Batch not editable for prompt amendment")));
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (409, Some("Batch not editable for prompt amendment"))
+    );
     drop(up);
     api.finish().await;
 }
@@ -297,43 +466,98 @@ async fn retry_goes_through_the_rules_and_the_same_transaction_path() {
         async move { app.call("POST", &uri, &headers, Some(body)).await }
     };
     let (status, reply) = call(json!({"phase_name": "spellcheck"}), vec![]).await;
-    assert_eq!((status, reply["error"].as_str()), (400, Some("phase_name and user_id are required")));
-    let (status, reply) = api
-        .app
-        .call("POST", "/v1/batches/nope/retry-phase", &[], Some(json!({"phase_name": "spellcheck", "user_id": TEACHER})))
-        .await;
-    assert_eq!((status, reply["error"].as_str()), (404, Some("Batch not found")));
-    let (status, reply) = call(json!({"phase_name": "grading", "user_id": TEACHER}), vec![]).await;
-    assert_eq!((status, reply["error"].as_str()), (400, Some("Invalid phase name: grading")));
-    let (status, reply) = call(json!({"phase_name": "cj_assessment", "user_id": TEACHER, "essay_ids": ["e"]}), vec![]).await;
     assert_eq!(
         (status, reply["error"].as_str()),
-        (400, Some("CJ Assessment requires full batch retry for ranking consistency"))
+        (400, Some("phase_name and user_id are required"))
     );
-    let (status, reply) = call(json!({"phase_name": "spellcheck", "user_id": "someone"}), vec![]).await;
-    assert_eq!((status, reply["error"].as_str()), (403, Some("Batch not owned by user")));
+    let (status, reply) = api
+        .app
+        .call(
+            "POST",
+            "/v1/batches/nope/retry-phase",
+            &[],
+            Some(json!({"phase_name": "spellcheck", "user_id": TEACHER})),
+        )
+        .await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (404, Some("Batch not found"))
+    );
+    let (status, reply) = call(json!({"phase_name": "grading", "user_id": TEACHER}), vec![]).await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (400, Some("Invalid phase name: grading"))
+    );
+    let (status, reply) = call(
+        json!({"phase_name": "cj_assessment", "user_id": TEACHER, "essay_ids": ["e"]}),
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (
+            400,
+            Some("CJ Assessment requires full batch retry for ranking consistency")
+        )
+    );
+    let (status, reply) = call(
+        json!({"phase_name": "spellcheck", "user_id": "someone"}),
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (403, Some("Batch not owned by user"))
+    );
     // Refused by credits: 402, the batch untouched, the teacher told.
     let before = api.app.repo.get_batch(&id).await.unwrap().unwrap();
-    let (status, reply) = call(json!({"phase_name": "CJ_ASSESSMENT", "user_id": TEACHER}), vec![]).await;
-    assert_eq!((status, reply["denial_reason"].as_str()), (402, Some("insufficient_credits")), "{reply}");
+    let (status, reply) = call(
+        json!({"phase_name": "CJ_ASSESSMENT", "user_id": TEACHER}),
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        (status, reply["denial_reason"].as_str()),
+        (402, Some("insufficient_credits")),
+        "{reply}"
+    );
     assert_eq!(api.app.repo.get_batch(&id).await.unwrap().unwrap(), before);
     observer.wait_for(topics::PIPELINE_DENIED, 1).await;
     // Accepted: the command goes out; a repeat (same X-Correlation-ID, or
     // while it runs) does not dispatch again.
     let corr = [("X-Correlation-ID", "5b0f3c1e-6a2d-4e8f-9b7c-1d2e3f4a5b6c")];
-    let (status, reply) = call(json!({"phase_name": "spellcheck", "user_id": TEACHER, "retry_reason": "typo fixed"}), corr.to_vec()).await;
+    let (status, reply) = call(
+        json!({"phase_name": "spellcheck", "user_id": TEACHER, "retry_reason": "typo fixed"}),
+        corr.to_vec(),
+    )
+    .await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["status"], "retry_initiated");
     assert_eq!(reply["phase"], "spellcheck");
     assert_eq!(reply["message"], "Retry initiated for spellcheck phase");
-    let (status, _) = call(json!({"phase_name": "spellcheck", "user_id": TEACHER}), corr.to_vec()).await;
+    let (status, _) = call(
+        json!({"phase_name": "spellcheck", "user_id": TEACHER}),
+        corr.to_vec(),
+    )
+    .await;
     assert_eq!(status, 200);
-    let (status, _) = call(json!({"phase_name": "spellcheck", "user_id": TEACHER}), vec![]).await;
+    let (status, _) = call(
+        json!({"phase_name": "spellcheck", "user_id": TEACHER}),
+        vec![],
+    )
+    .await;
     assert_eq!(status, 200);
     let commands = observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
-    assert_eq!(commands[0].value["correlation_id"], "5b0f3c1e-6a2d-4e8f-9b7c-1d2e3f4a5b6c");
+    assert_eq!(
+        commands[0].value["correlation_id"],
+        "5b0f3c1e-6a2d-4e8f-9b7c-1d2e3f4a5b6c"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(observer.on(topics::SPELLCHECK_COMMAND).len(), 1, "dispatched once");
+    assert_eq!(
+        observer.on(topics::SPELLCHECK_COMMAND).len(),
+        1,
+        "dispatched once"
+    );
     let snapshots = api.app.repo.configuration_snapshots(&id).await.unwrap();
     assert_eq!(snapshots[0]["is_retry"], true);
     assert_eq!(snapshots[0]["retry_reason"], "typo fixed");
@@ -350,7 +574,10 @@ async fn health_as_the_original_and_readiness_as_operators_need() {
     assert_eq!(reply["service"], "batch-service");
     assert_eq!(reply["status"], "healthy");
     assert_eq!(reply["message"], "Batch Orchestrator Service is healthy");
-    assert_eq!(reply["checks"], json!({"service_responsive": true, "dependencies_available": true}));
+    assert_eq!(
+        reply["checks"],
+        json!({"service_responsive": true, "dependencies_available": true})
+    );
     assert_eq!(reply["dependencies"]["database"]["status"], "healthy");
     assert_eq!(reply["environment"], "development");
     let (status, summary) = api.app.get("/healthz/database/summary").await;
@@ -361,31 +588,49 @@ async fn health_as_the_original_and_readiness_as_operators_need() {
     let (status, detail) = api.app.get("/healthz/database").await;
     assert_eq!(status, 200, "{detail}");
     assert_eq!(detail["overall_status"], "healthy");
-    for check in ["connectivity", "connection_pool", "query_performance", "database_resources"] {
+    for check in [
+        "connectivity",
+        "connection_pool",
+        "query_performance",
+        "database_resources",
+    ] {
         assert!(detail["checks"][check]["status"].is_string(), "{check}");
     }
-    eventually(Duration::from_secs(15), "ready", || async { api.app.get("/readyz").await.0 == 200 }).await;
+    eventually(Duration::from_secs(15), "ready", || async {
+        api.app.get("/readyz").await.0 == 200
+    })
+    .await;
     let (_, ready) = api.app.get("/readyz").await;
-    for check in ["database", "kafka", "producer", "topics", "consumer", "relay"] {
+    for check in [
+        "database", "kafka", "producer", "topics", "consumer", "relay",
+    ] {
         assert_eq!(ready["checks"][check], true, "{check}");
     }
     // The database goes away: 503 everywhere that depends on it.
     let name = database.url.rsplit('/').next().unwrap().to_owned();
-    let admin = sqlx::PgPool::connect(&crate::support::pg::server_url().await).await.unwrap();
-    sqlx::query(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false"))
-        .execute(&admin)
+    let admin = sqlx::PgPool::connect(&crate::support::pg::server_url().await)
         .await
         .unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false"
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
         .bind(&name)
         .execute(&admin)
         .await
         .unwrap();
-    eventually(Duration::from_secs(30), "health and readiness 503", || async {
-        let (h, _) = api.app.get("/healthz").await;
-        let (r, body) = api.app.get("/readyz").await;
-        h == 503 && r == 503 && body["checks"]["database"] == false
-    })
+    eventually(
+        Duration::from_secs(30),
+        "health and readiness 503",
+        || async {
+            let (h, _) = api.app.get("/healthz").await;
+            let (r, body) = api.app.get("/readyz").await;
+            h == 503 && r == 503 && body["checks"]["database"] == false
+        },
+    )
     .await;
     let (_, reply) = api.app.get("/healthz").await;
     assert_eq!(reply["status"], "unhealthy");
@@ -394,7 +639,10 @@ async fn health_as_the_original_and_readiness_as_operators_need() {
         .execute(&admin)
         .await
         .unwrap();
-    eventually(Duration::from_secs(30), "healthy again", || async { api.app.get("/healthz").await.0 == 200 }).await;
+    eventually(Duration::from_secs(30), "healthy again", || async {
+        api.app.get("/healthz").await.0 == 200
+    })
+    .await;
     admin.close().await;
     api.finish().await;
 }
@@ -409,14 +657,30 @@ async fn metrics_serve_bos_and_the_original_names() {
     let _ = api.app.get(&format!("/v1/batches/{id}/status")).await;
     // A run, so the pipeline and phase figures have something to count.
     let up = Upstream::new(&api.settings.kafka);
-    up.send(topics::CLIENT_PIPELINE_REQUEST, &id, uuid::Uuid::new_v4(), upstream::pipeline_request(&id, "spellcheck", TEACHER)).await;
+    up.send(
+        topics::CLIENT_PIPELINE_REQUEST,
+        &id,
+        uuid::Uuid::new_v4(),
+        upstream::pipeline_request(&id, "spellcheck", TEACHER),
+    )
+    .await;
     let command = observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
-    let corr: uuid::Uuid = command[0].value["correlation_id"].as_str().unwrap().parse().unwrap();
+    let corr: uuid::Uuid = command[0].value["correlation_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     up.send(
         topics::PHASE_OUTCOME,
         &id,
         corr,
-        upstream::phase_outcome(&id, bos::contracts::PhaseName::Spellcheck, &crate::support::essays(2), &[], corr),
+        upstream::phase_outcome(
+            &id,
+            bos::contracts::PhaseName::Spellcheck,
+            &crate::support::essays(2),
+            &[],
+            corr,
+        ),
     )
     .await;
     observer.wait_for(topics::PIPELINE_COMPLETED, 1).await;
@@ -427,7 +691,10 @@ async fn metrics_serve_bos_and_the_original_names() {
         text.contains("batch_orchestrator_service_http_requests_total{endpoint=\"/v1/batches/{id}/status\",method=\"GET\",status_code=\"200\"} 1"),
         "{text}"
     );
-    assert!(text.contains(&format!("bos_messages_total{{outcome=\"applied\",topic=\"{}\"}} 1", topics::CONTENT_PROVISIONING_COMPLETED)));
+    assert!(text.contains(&format!(
+        "bos_messages_total{{outcome=\"applied\",topic=\"{}\"}} 1",
+        topics::CONTENT_PROVISIONING_COMPLETED
+    )));
     for name in [
         "batch_orchestrator_service_http_request_duration_seconds",
         "huleedu_pipeline_execution_total",
@@ -444,9 +711,17 @@ async fn metrics_serve_bos_and_the_original_names() {
         "bos_apply_retries_total",
         "bos_stage_seconds",
     ] {
-        assert!(api.app.metrics.names().iter().any(|n| n == name) || text.contains(name), "{name} missing");
+        assert!(
+            api.app.metrics.names().iter().any(|n| n == name) || text.contains(name),
+            "{name} missing"
+        );
     }
-    assert!(text.contains("huleedu_pipeline_execution_total{outcome=\"started\",pipeline_type=\"spellcheck\"} 1"), "{text}");
+    assert!(
+        text.contains(
+            "huleedu_pipeline_execution_total{outcome=\"started\",pipeline_type=\"spellcheck\"} 1"
+        ),
+        "{text}"
+    );
     assert!(text.contains("huleedu_pipeline_execution_total{outcome=\"completed_successfully\",pipeline_type=\"spellcheck\"} 1"), "{text}");
     assert!(text.contains("huleedu_orchestration_commands_total{command_type=\"batch.spellcheck.initiate.command\",target_service=\"spellchecker_service\"} 1"), "{text}");
     drop(up);
@@ -487,28 +762,41 @@ fn any_json() -> impl Strategy<Value = Value> {
 /// never a 5xx, and the server keeps answering.
 #[test]
 fn http_bodies_never_make_the_server_fail() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let api = runtime.block_on(Api::start(None, None));
     let id = runtime.block_on(api.register(body()));
     let routes = [
         ("POST", "/v1/batches/register".to_owned()),
         ("PATCH", format!("/v1/batches/{id}/prompt")),
         ("POST", format!("/v1/batches/{id}/retry-phase")),
-        ("POST", format!("/internal/v1/batches/{id}/pipelines/nlp/preflight")),
+        (
+            "POST",
+            format!("/internal/v1/batches/{id}/pipelines/nlp/preflight"),
+        ),
     ];
     let client = reqwest::Client::new();
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(96));
     runner
         .run(
-            &(0..routes.len(), prop_oneof![
-                any_json().prop_map(|v| v.to_string().into_bytes()),
-                prop::collection::vec(any::<u8>(), 0..64),
-            ]),
+            &(
+                0..routes.len(),
+                prop_oneof![
+                    any_json().prop_map(|v| v.to_string().into_bytes()),
+                    prop::collection::vec(any::<u8>(), 0..64),
+                ],
+            ),
             |(route, bytes)| {
                 let (method, path) = &routes[route];
                 let status = runtime.block_on(async {
                     client
-                        .request(method.parse().unwrap(), format!("{}{path}", api.app.address))
+                        .request(
+                            method.parse().unwrap(),
+                            format!("{}{path}", api.app.address),
+                        )
                         .header("content-type", "application/json")
                         .header("x-user-id", TEACHER)
                         .body(bytes.clone())
@@ -516,7 +804,11 @@ fn http_bodies_never_make_the_server_fail() {
                         .await
                         .map_or(0, |r| r.status().as_u16())
                 });
-                prop_assert!((200..500).contains(&status), "{method} {path} answered {status} to {:?}", String::from_utf8_lossy(&bytes));
+                prop_assert!(
+                    (200..500).contains(&status),
+                    "{method} {path} answered {status} to {:?}",
+                    String::from_utf8_lossy(&bytes)
+                );
                 Ok(())
             },
         )

@@ -27,7 +27,9 @@ fn request_bytes(batch: &str, event: Uuid, target: &str) -> Vec<u8> {
 
 async fn store(repo: &Arc<dyn Repository>, batches: &[bos::domain::Batch]) {
     for b in batches {
-        repo.commit(UnitOfWork::create(b.clone(), Vec::new())).await.unwrap();
+        repo.commit(UnitOfWork::create(b.clone(), Vec::new()))
+            .await
+            .unwrap();
     }
 }
 
@@ -51,11 +53,24 @@ async fn copies_of_an_event_in_one_poll_apply_once_and_the_partition_flows() {
                     store(&repo, &o).await;
                     let up = Upstream::new(&kafka);
                     let bytes = request_bytes(&t.id, event, "spellcheck");
-                    up.send_raw(topics::CLIENT_PIPELINE_REQUEST, &o[0].id, &request_bytes(&o[0].id, Uuid::new_v4(), "spellcheck"), &[]).await;
+                    up.send_raw(
+                        topics::CLIENT_PIPELINE_REQUEST,
+                        &o[0].id,
+                        &request_bytes(&o[0].id, Uuid::new_v4(), "spellcheck"),
+                        &[],
+                    )
+                    .await;
                     for i in 0..copies {
-                        up.send_raw(topics::CLIENT_PIPELINE_REQUEST, &t.id, &bytes, &[]).await;
+                        up.send_raw(topics::CLIENT_PIPELINE_REQUEST, &t.id, &bytes, &[])
+                            .await;
                         if i == copies / 2 {
-                            up.send_raw(topics::CLIENT_PIPELINE_REQUEST, &o[1].id, &request_bytes(&o[1].id, Uuid::new_v4(), "spellcheck"), &[]).await;
+                            up.send_raw(
+                                topics::CLIENT_PIPELINE_REQUEST,
+                                &o[1].id,
+                                &request_bytes(&o[1].id, Uuid::new_v4(), "spellcheck"),
+                                &[],
+                            )
+                            .await;
                         }
                     }
                 })
@@ -68,10 +83,21 @@ async fn copies_of_an_event_in_one_poll_apply_once_and_the_partition_flows() {
         let after = flow.request(&later.id, "spellcheck").await;
         flow.wait_processed(after).await;
         let commands = flow.observer.wait_for(topics::SPELLCHECK_COMMAND, 4).await;
-        let for_target = commands.iter().filter(|c| c.key.as_deref() == Some(target.id.as_str())).count();
+        let for_target = commands
+            .iter()
+            .filter(|c| c.key.as_deref() == Some(target.id.as_str()))
+            .count();
         assert_eq!(for_target, 1, "{copies} copies: one command");
-        assert_eq!(flow.app.counter("duplicates", &[]), (copies - 1) as u64, "{copies} copies");
-        assert_eq!(flow.app.counter("apply_retries", &["contended"]), 0, "no round without progress");
+        assert_eq!(
+            flow.app.counter("duplicates", &[]),
+            (copies - 1) as u64,
+            "{copies} copies"
+        );
+        assert_eq!(
+            flow.app.counter("apply_retries", &["contended"]),
+            0,
+            "no round without progress"
+        );
         flow.finish(vec![]).await.unwrap();
     }
 }
@@ -100,9 +126,11 @@ async fn a_restarted_worker_rereads_applied_events_and_flows() {
     again.kafka.group_id = format!("{}-restarted", flow.kafka.group_id);
     again.http.addr = "127.0.0.1:0".into();
     let second = TestApp::spawn(again).await;
-    eventually(Duration::from_secs(30), "every old record seen again", || async {
-        second.counter("duplicates", &[]) >= 20
-    })
+    eventually(
+        Duration::from_secs(30),
+        "every old record seen again",
+        || async { second.counter("duplicates", &[]) >= 20 },
+    )
     .await;
     let fresh = ready_batch(1);
     store(&flow.repo(), std::slice::from_ref(&fresh)).await;
@@ -148,24 +176,46 @@ async fn a_retrying_partition_does_not_hold_the_others() {
     store(&flow.repo(), &[stuck.clone(), flowing.clone()]).await;
     faulty.inject(&stuck.id, Fault::Transient, usize::MAX);
     let topic = topics::CLIENT_PIPELINE_REQUEST;
-    flow.up.send_to(topic, Some(0), &stuck.id, &request_bytes(&stuck.id, Uuid::new_v4(), "spellcheck"), &[]).await;
+    flow.up
+        .send_to(
+            topic,
+            Some(0),
+            &stuck.id,
+            &request_bytes(&stuck.id, Uuid::new_v4(), "spellcheck"),
+            &[],
+        )
+        .await;
     for _ in 0..3 {
         let e = Uuid::new_v4();
-        flow.up.send_to(topic, Some(1), &flowing.id, &request_bytes(&flowing.id, e, "spellcheck"), &[]).await;
+        flow.up
+            .send_to(
+                topic,
+                Some(1),
+                &flowing.id,
+                &request_bytes(&flowing.id, e, "spellcheck"),
+                &[],
+            )
+            .await;
         flow.wait_processed(e).await;
     }
     let commands = flow.observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
     assert_eq!(commands[0].key.as_deref(), Some(flowing.id.as_str()));
     assert!(faulty.injected() > 1, "the stuck partition kept retrying");
-    eventually(Duration::from_secs(15), "the stuck partition shows in metrics and readiness", || async {
-        let (status, body) = flow.app.get("/readyz").await;
-        let metrics = flow.app.metrics.render();
-        status == 503
-            && body["checks"]["consumer"] == false
-            && metrics.lines().any(|l| {
-                l.starts_with("bos_partition_stuck_seconds") && l.contains("partition=\"0\"") && !l.ends_with(" 0")
-            })
-    })
+    eventually(
+        Duration::from_secs(15),
+        "the stuck partition shows in metrics and readiness",
+        || async {
+            let (status, body) = flow.app.get("/readyz").await;
+            let metrics = flow.app.metrics.render();
+            status == 503
+                && body["checks"]["consumer"] == false
+                && metrics.lines().any(|l| {
+                    l.starts_with("bos_partition_stuck_seconds")
+                        && l.contains("partition=\"0\"")
+                        && !l.ends_with(" 0")
+                })
+        },
+    )
     .await;
     assert!(flow.app.counter("apply_retries", &["transient"]) > 1);
     flow.finish(vec![]).await.unwrap();
@@ -194,11 +244,26 @@ async fn refused_records_are_dead_lettered_and_the_rest_applies() {
                 store(&repo, &[b.clone(), g.clone(), l.clone()]).await;
                 let up = Upstream::new(&kafka);
                 let topic = topics::CLIENT_PIPELINE_REQUEST;
-                up.send_raw(topic, &g.id, &request_bytes(&g.id, Uuid::new_v4(), "spellcheck"), &[]).await;
-                up.send_raw(topic, &b.id, &request_bytes(&b.id, Uuid::new_v4(), "spellcheck"), &[]).await;
-                let mut nul = serde_json::to_value(upstream::pipeline_request(&g.id, "spellcheck", "t")).unwrap();
+                up.send_raw(
+                    topic,
+                    &g.id,
+                    &request_bytes(&g.id, Uuid::new_v4(), "spellcheck"),
+                    &[],
+                )
+                .await;
+                up.send_raw(
+                    topic,
+                    &b.id,
+                    &request_bytes(&b.id, Uuid::new_v4(), "spellcheck"),
+                    &[],
+                )
+                .await;
+                let mut nul =
+                    serde_json::to_value(upstream::pipeline_request(&g.id, "spellcheck", "t"))
+                        .unwrap();
                 nul["retry_reason"] = "with a \u{0} inside".into();
-                up.send_raw(topic, &g.id, &envelope(topic, Uuid::new_v4(), nul), &[]).await;
+                up.send_raw(topic, &g.id, &envelope(topic, Uuid::new_v4(), nul), &[])
+                    .await;
             })
         })),
         ..FlowOptions::default()
@@ -206,12 +271,21 @@ async fn refused_records_are_dead_lettered_and_the_rest_applies() {
     .await;
     let (dlq, name) = flow.dead_letters(topics::CLIENT_PIPELINE_REQUEST);
     let letters = dlq.wait_for(&name, 2).await;
-    let mut reasons: Vec<&str> = letters.iter().filter_map(|l| l.header("dlq.reason")).collect();
+    let mut reasons: Vec<&str> = letters
+        .iter()
+        .filter_map(|l| l.header("dlq.reason"))
+        .collect();
     reasons.sort_unstable();
     assert_eq!(reasons, ["apply_error", "decode_error"]);
-    let refused = letters.iter().find(|l| l.header("dlq.reason") == Some("apply_error")).unwrap();
+    let refused = letters
+        .iter()
+        .find(|l| l.header("dlq.reason") == Some("apply_error"))
+        .unwrap();
     assert_eq!(refused.key.as_deref(), Some(bad.id.as_str()));
-    assert!(refused.header("dlq.error").unwrap().contains("refuses"), "the database's message");
+    assert!(
+        refused.header("dlq.error").unwrap().contains("refuses"),
+        "the database's message"
+    );
     let after = flow.request(&later.id, "spellcheck").await;
     flow.wait_processed(after).await;
     let commands = flow.observer.wait_for(topics::SPELLCHECK_COMMAND, 2).await;
@@ -243,7 +317,9 @@ async fn a_missing_dead_letter_topic_is_reported_and_does_not_wedge() {
     }
     let database = crate::support::pg::Database::fresh().await;
     let mut kafka = kafka_settings(&cluster);
-    kafka.librdkafka.insert("allow.auto.create.topics".into(), "false".into());
+    kafka
+        .librdkafka
+        .insert("allow.auto.create.topics".into(), "false".into());
     let dlq_name = format!("{}{}", topics::PHASE_OUTCOME, topics::DLQ_SUFFIX);
     let dlq = kafka.topic(&dlq_name);
     create_all_but(&cluster, &kafka, std::slice::from_ref(&dlq)).await;
@@ -251,43 +327,81 @@ async fn a_missing_dead_letter_topic_is_reported_and_does_not_wedge() {
     s.consumer.drain_timeout = Duration::from_secs(10);
     s.relay.lease = Duration::from_secs(2);
     let app = TestApp::spawn(s.clone()).await;
-    eventually(Duration::from_secs(15), "readyz names the missing topic", || async {
-        let (status, body) = app.get("/readyz").await;
-        status == 503 && body.to_string().contains(&dlq)
-    })
+    eventually(
+        Duration::from_secs(15),
+        "readyz names the missing topic",
+        || async {
+            let (status, body) = app.get("/readyz").await;
+            status == 503 && body.to_string().contains(&dlq)
+        },
+    )
     .await;
     let up = Upstream::new(&kafka);
     let repo = app.repo.clone();
     let later = ready_batch(1);
-    repo.commit(UnitOfWork::create(later.clone(), Vec::new())).await.unwrap();
-    up.send_raw(topics::PHASE_OUTCOME, &later.id, b"{poison", &[]).await;
+    repo.commit(UnitOfWork::create(later.clone(), Vec::new()))
+        .await
+        .unwrap();
+    up.send_raw(topics::PHASE_OUTCOME, &later.id, b"{poison", &[])
+        .await;
     // The partition flows: a later event on it is applied.
-    let outcome = upstream::phase_outcome(&later.id, PhaseName::Spellcheck, &[], &[], Uuid::new_v4());
+    let outcome =
+        upstream::phase_outcome(&later.id, PhaseName::Spellcheck, &[], &[], Uuid::new_v4());
     let event = Uuid::new_v4();
-    up.send_raw(topics::PHASE_OUTCOME, &later.id, &envelope(topics::PHASE_OUTCOME, event, outcome), &[]).await;
-    eventually(Duration::from_secs(30), "the later event is processed", || {
-        let repo = repo.clone();
-        async move { repo.processed(&[event]).await.unwrap().contains(&event) }
-    })
+    up.send_raw(
+        topics::PHASE_OUTCOME,
+        &later.id,
+        &envelope(topics::PHASE_OUTCOME, event, outcome),
+        &[],
+    )
     .await;
-    assert_eq!(app.counter("dead_letters", &["decode_error"]), 1, "settled as a letter");
+    eventually(
+        Duration::from_secs(30),
+        "the later event is processed",
+        || {
+            let repo = repo.clone();
+            async move { repo.processed(&[event]).await.unwrap().contains(&event) }
+        },
+    )
+    .await;
+    assert_eq!(
+        app.counter("dead_letters", &["decode_error"]),
+        1,
+        "settled as a letter"
+    );
     let pending = repo.outbox_rows(Some(&later.id)).await.unwrap();
-    assert!(pending.iter().any(|r| r.raw.is_some() && r.published_at.is_none()), "the letter waits in the outbox");
+    assert!(
+        pending
+            .iter()
+            .any(|r| r.raw.is_some() && r.published_at.is_none()),
+        "the letter waits in the outbox"
+    );
     assert_eq!(app.get("/readyz").await.0, 503);
     // SIGTERM while the letter cannot be sent: bos still stops, in time.
     let stopped = tokio::time::timeout(Duration::from_secs(15), app.stop()).await;
     assert!(matches!(stopped, Ok(Ok(()))), "{stopped:?}");
     // The topic appears; a new worker's relay sends the letter, once.
-    cluster.mock().unwrap().cluster().create_topic(&dlq, 1, 1).unwrap();
+    cluster
+        .mock()
+        .unwrap()
+        .cluster()
+        .create_topic(&dlq, 1, 1)
+        .unwrap();
     let app = TestApp::spawn(s).await;
     let dlq_observer = Observer::start(&kafka, std::slice::from_ref(&dlq));
     let letters = dlq_observer.wait_for(&dlq_name, 1).await;
     assert_eq!(letters[0].raw, b"{poison");
     assert_eq!(letters[0].header("dlq.reason"), Some("decode_error"));
-    assert_eq!(letters[0].key.as_deref(), Some(later.id.as_str()), "the original key");
-    eventually(Duration::from_secs(15), "readyz 200 once the topic exists", || async {
-        app.get("/readyz").await.0 == 200
-    })
+    assert_eq!(
+        letters[0].key.as_deref(),
+        Some(later.id.as_str()),
+        "the original key"
+    );
+    eventually(
+        Duration::from_secs(15),
+        "readyz 200 once the topic exists",
+        || async { app.get("/readyz").await.0 == 200 },
+    )
     .await;
     app.stop().await.unwrap();
     dlq_observer.stop().await;
@@ -304,33 +418,58 @@ async fn a_consumed_topic_created_after_start_is_consumed() {
     }
     let database = crate::support::pg::Database::fresh().await;
     let mut kafka = kafka_settings(&cluster);
-    kafka.librdkafka.insert("allow.auto.create.topics".into(), "false".into());
-    kafka.librdkafka.insert("topic.metadata.refresh.interval.ms".into(), "10000".into());
+    kafka
+        .librdkafka
+        .insert("allow.auto.create.topics".into(), "false".into());
+    kafka
+        .librdkafka
+        .insert("topic.metadata.refresh.interval.ms".into(), "10000".into());
     let late = kafka.topic(topics::VALIDATION_ERRORS);
     let late_dlq = format!("{late}{}", topics::DLQ_SUFFIX);
     create_all_but(&cluster, &kafka, &[late.clone(), late_dlq.clone()]).await;
     let app = TestApp::spawn(settings(&kafka, Some(&database.url))).await;
     let batch = ready_batch(1);
-    app.repo.commit(UnitOfWork::create(batch.clone(), Vec::new())).await.unwrap();
-    eventually(Duration::from_secs(15), "readyz names the missing topic", || async {
-        let (status, body) = app.get("/readyz").await;
-        status == 503 && body.to_string().contains(&late)
-    })
+    app.repo
+        .commit(UnitOfWork::create(batch.clone(), Vec::new()))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "readyz names the missing topic",
+        || async {
+            let (status, body) = app.get("/readyz").await;
+            status == 503 && body.to_string().contains(&late)
+        },
+    )
     .await;
     let mock = cluster.mock().unwrap().cluster();
     mock.create_topic(&late, 1, 1).unwrap();
     mock.create_topic(&late_dlq, 1, 1).unwrap();
     let up = Upstream::new(&kafka);
     let event = Uuid::new_v4();
-    let errors = upstream::validation_errors(&batch.id, &["essay-0".into()], false, chrono::Utc::now());
-    up.send_raw(topics::VALIDATION_ERRORS, &batch.id, &envelope(topics::VALIDATION_ERRORS, event, errors), &[]).await;
+    let errors =
+        upstream::validation_errors(&batch.id, &["essay-0".into()], false, chrono::Utc::now());
+    up.send_raw(
+        topics::VALIDATION_ERRORS,
+        &batch.id,
+        &envelope(topics::VALIDATION_ERRORS, event, errors),
+        &[],
+    )
+    .await;
     let repo = app.repo.clone();
-    eventually(Duration::from_secs(30), "the new topic's event is applied within 30 s", || {
-        let repo = repo.clone();
-        async move { repo.processed(&[event]).await.unwrap().contains(&event) }
+    eventually(
+        Duration::from_secs(30),
+        "the new topic's event is applied within 30 s",
+        || {
+            let repo = repo.clone();
+            async move { repo.processed(&[event]).await.unwrap().contains(&event) }
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(15), "readyz 200", || async {
+        app.get("/readyz").await.0 == 200
     })
     .await;
-    eventually(Duration::from_secs(15), "readyz 200", || async { app.get("/readyz").await.0 == 200 }).await;
     app.stop().await.unwrap();
     drop(up);
 }
@@ -342,16 +481,31 @@ async fn a_panicking_consumer_stops_the_application() {
     let flow = Flow::with(faulty_flow(&faulty, FlowOptions::default())).await;
     let batch = ready_batch(1);
     store(&flow.repo(), std::slice::from_ref(&batch)).await;
-    faulty.lock().unwrap().as_ref().unwrap().inject(&batch.id, Fault::Panic, 1);
+    faulty
+        .lock()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .inject(&batch.id, Fault::Panic, 1);
     flow.request(&batch.id, "spellcheck").await;
     let address = flow.app.address.clone();
-    let Flow { app, cluster, up, observer, database, .. } = flow;
+    let Flow {
+        app,
+        cluster,
+        up,
+        observer,
+        database,
+        ..
+    } = flow;
     let ended = tokio::time::timeout(Duration::from_secs(30), app.join())
         .await
         .expect("the application ends by itself");
     let error = format!("{:#}", ended.expect_err("with an error"));
     assert!(error.contains("panicked"), "{error}");
-    assert!(reqwest::get(format!("{address}/healthz")).await.is_err(), "HTTP stopped too");
+    assert!(
+        reqwest::get(format!("{address}/healthz")).await.is_err(),
+        "HTTP stopped too"
+    );
     observer.stop().await;
     drop((up, cluster, database));
 }
@@ -372,15 +526,29 @@ async fn a_stuck_consumer_is_not_ready_and_a_missed_drain_is_an_error() {
         },
     ))
     .await;
-    eventually(Duration::from_secs(30), "ready first", || async { flow.app.get("/readyz").await.0 == 200 }).await;
+    eventually(Duration::from_secs(30), "ready first", || async {
+        flow.app.get("/readyz").await.0 == 200
+    })
+    .await;
     let batch = ready_batch(1);
     store(&flow.repo(), std::slice::from_ref(&batch)).await;
-    faulty.lock().unwrap().as_ref().unwrap().inject(&batch.id, Fault::Hang, 1);
+    faulty
+        .lock()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .inject(&batch.id, Fault::Hang, 1);
     flow.request(&batch.id, "spellcheck").await;
-    eventually(Duration::from_secs(20), "readyz 503 naming the stuck partition", || async {
-        let (status, body) = flow.app.get("/readyz").await;
-        status == 503 && body["checks"]["consumer"] == false && body.to_string().contains("stuck")
-    })
+    eventually(
+        Duration::from_secs(20),
+        "readyz 503 naming the stuck partition",
+        || async {
+            let (status, body) = flow.app.get("/readyz").await;
+            status == 503
+                && body["checks"]["consumer"] == false
+                && body.to_string().contains("stuck")
+        },
+    )
     .await;
     let ended = flow.finish(vec![]).await;
     let error = format!("{:#}", ended.expect_err("the drain cannot finish"));
@@ -394,13 +562,27 @@ async fn the_relay_alone_serves_health_readiness_and_metrics() {
     cluster.create_topics(&kafka.topic_prefix, 1).await;
     let database = crate::support::pg::Database::fresh().await;
     let s = settings(&kafka, Some(&database.url));
-    let relay = TestApp::spawn_with(bos::app::Application::builder(s.clone()), &s, Role::RelayOnly).await;
+    let relay =
+        TestApp::spawn_with(bos::app::Application::builder(s.clone()), Role::RelayOnly).await;
     assert_eq!(relay.get("/healthz").await.0, 200);
-    eventually(Duration::from_secs(15), "the relay is ready", || async { relay.get("/readyz").await.0 == 200 }).await;
+    eventually(Duration::from_secs(15), "the relay is ready", || async {
+        relay.get("/readyz").await.0 == 200
+    })
+    .await;
     let (status, metrics) = relay.get("/metrics").await;
     assert_eq!(status, 200);
-    assert!(metrics.as_str().unwrap().contains("bos_relay_published_total"));
-    assert_eq!(relay.call("POST", "/v1/batches/register", &[], None).await.0, 404, "no API on the relay");
+    assert!(metrics
+        .as_str()
+        .unwrap()
+        .contains("bos_relay_published_total"));
+    assert_eq!(
+        relay
+            .call("POST", "/v1/batches/register", &[], None)
+            .await
+            .0,
+        404,
+        "no API on the relay"
+    );
     relay.stop().await.unwrap();
 }
 
@@ -418,7 +600,9 @@ async fn a_fatal_producer_error_replaces_the_producer_and_the_outbox_drains() {
         return;
     };
     let (first, _) = flow.register(None, 1).await;
-    flow.observer.wait_for(topics::BATCH_ESSAYS_REGISTERED, 1).await;
+    flow.observer
+        .wait_for(topics::BATCH_ESSAYS_REGISTERED, 1)
+        .await;
     // The broker refuses the next produce requests for good: with the gapless
     // guarantee the producer goes fatal instead of reordering. (A registration
     // makes the relay publish without anyone else producing.)
@@ -427,11 +611,16 @@ async fn a_fatal_producer_error_replaces_the_producer_and_the_outbox_drains() {
         &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD; 4],
     );
     let (second, _) = flow.register(None, 1).await;
-    eventually(Duration::from_secs(30), "the producer was replaced", || async {
-        flow.app.metrics.producer_replacements.get() >= 1
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the producer was replaced",
+        || async { flow.app.metrics.producer_replacements.get() >= 1 },
+    )
     .await;
-    let registered = flow.observer.wait_for(topics::BATCH_ESSAYS_REGISTERED, 2).await;
+    let registered = flow
+        .observer
+        .wait_for(topics::BATCH_ESSAYS_REGISTERED, 2)
+        .await;
     let keys: Vec<_> = registered.iter().filter_map(|m| m.key.clone()).collect();
     assert!(keys.contains(&first) && keys.contains(&second), "{keys:?}");
     let repo = flow.repo();
@@ -440,7 +629,10 @@ async fn a_fatal_producer_error_replaces_the_producer_and_the_outbox_drains() {
         async move { repo.outbox_stats().await.unwrap().unpublished == 0 }
     })
     .await;
-    eventually(Duration::from_secs(15), "ready again", || async { flow.app.get("/readyz").await.0 == 200 }).await;
+    eventually(Duration::from_secs(15), "ready again", || async {
+        flow.app.get("/readyz").await.0 == 200
+    })
+    .await;
     flow.finish(vec![]).await.unwrap();
 }
 
@@ -469,30 +661,57 @@ async fn a_broker_outage_is_logged_once_per_interval_and_not_ready() {
             .map_or(0, |r| r.status().as_u16())
             == expected
     };
-    eventually(Duration::from_secs(20), "readyz 503 while the broker is down", || status(bos.http.clone(), 503)).await;
+    eventually(
+        Duration::from_secs(20),
+        "readyz 503 while the broker is down",
+        || status(bos.http.clone(), 503),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let during: Vec<String> = bos.log()[before..].iter().filter(|l| l.contains("WARN") || l.contains("ERROR")).cloned().collect();
-    assert!(!during.is_empty(), "the outage is reported: {:#?}", bos.log());
-    assert!(during.len() <= 12, "at most a line per client and interval, got {}: {during:#?}", during.len());
+    let during: Vec<String> = bos.log()[before..]
+        .iter()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .cloned()
+        .collect();
+    assert!(
+        !during.is_empty(),
+        "the outage is reported: {:#?}",
+        bos.log()
+    );
+    assert!(
+        during.len() <= 12,
+        "at most a line per client and interval, got {}: {during:#?}",
+        during.len()
+    );
     mock.cluster().broker_up(1).unwrap();
-    eventually(Duration::from_secs(30), "ready again", || status(bos.http.clone(), 200)).await;
-    // And it consumes again: a record sent now is decided (here: dead-lettered).
-    let up = crate::support::kafka::Upstream::new(&kafka);
-    up.send_raw(bos::contracts::topics::PHASE_OUTCOME, "k", b"not json", &[]).await;
-    let pool = database.pool.clone();
-    eventually(Duration::from_secs(30), "the record after the outage is decided", || {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM event_outbox")
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-                == 1
-        }
+    eventually(Duration::from_secs(30), "ready again", || {
+        status(bos.http.clone(), 200)
     })
     .await;
+    // And it consumes again: a record sent now is decided (here: dead-lettered).
+    let up = crate::support::kafka::Upstream::new(&kafka);
+    up.send_raw(bos::contracts::topics::PHASE_OUTCOME, "k", b"not json", &[])
+        .await;
+    let pool = database.pool.clone();
+    eventually(
+        Duration::from_secs(30),
+        "the record after the outage is decided",
+        || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM event_outbox")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+                    == 1
+            }
+        },
+    )
+    .await;
     bos.signal("TERM");
-    let status = bos.wait(Duration::from_secs(30)).await.expect("exits after SIGTERM");
+    let status = bos
+        .wait(Duration::from_secs(30))
+        .await
+        .expect("exits after SIGTERM");
     assert!(status.success(), "{status}");
 }
-

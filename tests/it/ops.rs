@@ -7,8 +7,8 @@ use std::time::Duration;
 use bos::contracts::{topics, PhaseName};
 use serde_json::Value;
 
-use crate::support::flow::Flow;
 use crate::support::app::environment;
+use crate::support::flow::Flow;
 
 fn bos(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_bos"))
@@ -32,9 +32,14 @@ async fn batch_outbox_and_dead_letter_inspection() {
     flow.provision(&id, corr, 2).await;
     flow.request(&id, "cj_assessment").await;
     let spell = flow.observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
-    flow.answer(&id, PhaseName::Spellcheck, &spell[0], &["essay-1"]).await;
-    flow.observer.wait_for(topics::CJ_ASSESSMENT_COMMAND, 1).await;
-    flow.up.send_raw(topics::PHASE_OUTCOME, &id, b"{broken", &[]).await;
+    flow.answer(&id, PhaseName::Spellcheck, &spell[0], &["essay-1"])
+        .await;
+    flow.observer
+        .wait_for(topics::CJ_ASSESSMENT_COMMAND, 1)
+        .await;
+    flow.up
+        .send_raw(topics::PHASE_OUTCOME, &id, b"{broken", &[])
+        .await;
     let (dlq, name) = flow.dead_letters(topics::PHASE_OUTCOME);
     dlq.wait_for(&name, 1).await;
     let env = environment(&flow.kafka, &flow.database.url);
@@ -42,10 +47,22 @@ async fn batch_outbox_and_dead_letter_inspection() {
 
     let (ok, table, err) = bos(&["batch", "show", &id], &env);
     assert!(ok, "{err}");
-    assert!(table.contains(&id) && table.contains("processing_pipelines"), "{table}");
-    assert!(table.contains("spellcheck") && table.contains("completed_with_partial_success"), "{table}");
-    assert!(table.contains("store-0-corrected"), "essays with their corrected text: {table}");
-    assert!(table.contains(topics::CJ_ASSESSMENT_COMMAND), "outbox rows: {table}");
+    assert!(
+        table.contains(&id) && table.contains("processing_pipelines"),
+        "{table}"
+    );
+    assert!(
+        table.contains("spellcheck") && table.contains("completed_with_partial_success"),
+        "{table}"
+    );
+    assert!(
+        table.contains("store-0-corrected"),
+        "essays with their corrected text: {table}"
+    );
+    assert!(
+        table.contains(topics::CJ_ASSESSMENT_COMMAND),
+        "outbox rows: {table}"
+    );
     let (ok, json, _) = bos(&["batch", "show", &id, "--json"], &env);
     assert!(ok);
     let shown: Value = serde_json::from_str(&json).unwrap();
@@ -75,8 +92,14 @@ async fn batch_outbox_and_dead_letter_inspection() {
 
     let (ok, listed, err) = bos(&["dlq", "list", "--topic", topics::PHASE_OUTCOME], &env);
     assert!(ok, "{err}");
-    assert!(listed.contains("1 letter(s)") && listed.contains("decode_error"), "{listed}");
-    let (ok, json, _) = bos(&["dlq", "list", "--topic", topics::PHASE_OUTCOME, "--json"], &env);
+    assert!(
+        listed.contains("1 letter(s)") && listed.contains("decode_error"),
+        "{listed}"
+    );
+    let (ok, json, _) = bos(
+        &["dlq", "list", "--topic", topics::PHASE_OUTCOME, "--json"],
+        &env,
+    );
     assert!(ok);
     let letters: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(letters[0]["headers"]["dlq.reason"], "decode_error");
@@ -91,7 +114,10 @@ fn config_shows_where_each_value_came_from() {
         &[
             ("BOS_STORE", "memory"),
             ("BOS__CONSUMER__MAX_BATCH", "64"),
-            ("BATCH_ORCHESTRATOR_SERVICE_KAFKA_CONSUMER_GROUP_ID", "legacy-group"),
+            (
+                "BATCH_ORCHESTRATOR_SERVICE_KAFKA_CONSUMER_GROUP_ID",
+                "legacy-group",
+            ),
             ("DATABASE_URL", "postgres://bos:hunter2@db/bos"),
         ],
     );
@@ -99,24 +125,48 @@ fn config_shows_where_each_value_came_from() {
     assert!(!json.contains("hunter2"), "secrets masked");
     let shown: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(shown["settings"]["consumer"]["max_batch"], 64);
-    assert_eq!(shown["sources"]["consumer.max_batch"], "BOS__CONSUMER__MAX_BATCH");
-    assert_eq!(shown["sources"]["kafka.group_id"], "BATCH_ORCHESTRATOR_SERVICE_KAFKA_CONSUMER_GROUP_ID");
-    assert_eq!(shown["settings"]["database"]["url"], "postgres://bos:***@db/bos");
+    assert_eq!(
+        shown["sources"]["consumer.max_batch"],
+        "BOS__CONSUMER__MAX_BATCH"
+    );
+    assert_eq!(
+        shown["sources"]["kafka.group_id"],
+        "BATCH_ORCHESTRATOR_SERVICE_KAFKA_CONSUMER_GROUP_ID"
+    );
+    assert_eq!(
+        shown["settings"]["database"]["url"],
+        "postgres://bos:***@db/bos"
+    );
 }
 
 #[test]
 fn errors_speak_plainly_in_one_line() {
-    let (ok, _, err) = bos(&["migrate"], &[("DATABASE_URL", "postgres://bos:pw@127.0.0.1:1/bos")]);
+    let (ok, _, err) = bos(
+        &["migrate"],
+        &[("DATABASE_URL", "postgres://bos:pw@127.0.0.1:1/bos")],
+    );
     assert!(!ok);
     let line = err.trim();
     assert!(!line.contains('\n'), "one line: {err}");
-    assert!(line.contains("127.0.0.1:1/bos") && line.contains("connection refused"), "{line}");
-    assert!(!line.contains("pw@") && !line.contains("Stack backtrace"), "{line}");
-    let (ok, _, err) = bos(&["run"], &[("BOS_STORE", "memory"), ("BOS_HTTP_ADDR", "not-an-address")]);
+    assert!(
+        line.contains("127.0.0.1:1/bos") && line.contains("connection refused"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("pw@") && !line.contains("Stack backtrace"),
+        "{line}"
+    );
+    let (ok, _, err) = bos(
+        &["run"],
+        &[("BOS_STORE", "memory"), ("BOS_HTTP_ADDR", "not-an-address")],
+    );
     assert!(!ok);
     assert!(err.contains("`http.addr`"), "names the key: {err}");
     let (ok, _, err) = bos(&["migrate"], &[]);
-    assert!(!ok && err.contains("database.url") && err.contains("DATABASE_URL"), "{err}");
+    assert!(
+        !ok && err.contains("database.url") && err.contains("DATABASE_URL"),
+        "{err}"
+    );
 }
 
 /// The README's first command: the demo runs on the in-memory store even when
@@ -124,7 +174,17 @@ fn errors_speak_plainly_in_one_line() {
 #[test]
 fn the_demo_runs_on_the_embedded_store() {
     let (ok, out, err) = bos(
-        &["demo", "--batches", "12", "--duplicate-rate", "0.3", "--failure-rate", "0.1", "--seed", "11"],
+        &[
+            "demo",
+            "--batches",
+            "12",
+            "--duplicate-rate",
+            "0.3",
+            "--failure-rate",
+            "0.1",
+            "--seed",
+            "11",
+        ],
         &[("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")],
     );
     assert!(ok, "{out}\n{err}");
@@ -151,8 +211,15 @@ async fn a_small_demo_is_consistent() {
     .await
     .expect("the demo runs");
     assert!(summary.problems.is_empty(), "{:?}", summary.problems);
-    assert_eq!(summary.final_status.values().sum::<usize>(), 12, "every batch ended");
+    assert_eq!(
+        summary.final_status.values().sum::<usize>(),
+        12,
+        "every batch ended"
+    );
     assert!(summary.commands >= 12, "at least one command per batch");
-    assert!(summary.redeliveries_absorbed > 0, "re-sent events were absorbed by the inbox");
+    assert!(
+        summary.redeliveries_absorbed > 0,
+        "re-sent events were absorbed by the inbox"
+    );
     assert!(!summary.latencies_ms.is_empty(), "the hop was measured");
 }

@@ -32,7 +32,9 @@ async fn fill(
     let mut keys = Vec::new();
     for b in 0..batches {
         let (batch, _) = new_batch(1);
-        repo.commit(UnitOfWork::create(batch.clone(), Vec::new())).await.unwrap();
+        repo.commit(UnitOfWork::create(batch.clone(), Vec::new()))
+            .await
+            .unwrap();
         // Several transactions per batch, several rows each, like real decisions.
         for (version, chunk) in (1..).zip((0..per_batch).collect::<Vec<_>>().chunks(3)) {
             let outbox = chunk
@@ -67,7 +69,12 @@ async fn fill(
     keys
 }
 
-fn relay(repo: &Arc<dyn Repository>, kafka: &KafkaSettings, settings: RelaySettings, metrics: &Arc<Metrics>) -> Relay {
+fn relay(
+    repo: &Arc<dyn Repository>,
+    kafka: &KafkaSettings,
+    settings: RelaySettings,
+    metrics: &Arc<Metrics>,
+) -> Relay {
     Relay::new(
         repo.clone(),
         Arc::new(ProducerHandle::new(kafka, metrics.clone()).unwrap()),
@@ -98,7 +105,10 @@ async fn two_relays_keep_per_key_order_and_lose_nothing() {
         ..RelaySettings::default()
     };
     let metrics = Arc::new(Metrics::new());
-    let (a, b) = (relay(&repo, &kafka, small.clone(), &metrics), relay(&repo, &kafka, small, &metrics));
+    let (a, b) = (
+        relay(&repo, &kafka, small.clone(), &metrics),
+        relay(&repo, &kafka, small, &metrics),
+    );
     let drive = |r: Relay| async move {
         let mut published = 0;
         loop {
@@ -116,10 +126,17 @@ async fn two_relays_keep_per_key_order_and_lose_nothing() {
     let seen = observer.wait_for(topics::TEACHER_NOTIFICATION, 240).await;
     let mut by_key: HashMap<String, Vec<i64>> = HashMap::new();
     for s in &seen {
-        by_key.entry(s.key.clone().unwrap()).or_default().push(s.value["n"].as_i64().unwrap());
+        by_key
+            .entry(s.key.clone().unwrap())
+            .or_default()
+            .push(s.value["n"].as_i64().unwrap());
     }
     for key in &keys {
-        assert_eq!(by_key[key], (0..12).collect::<Vec<i64>>(), "order of key {key}");
+        assert_eq!(
+            by_key[key],
+            (0..12).collect::<Vec<i64>>(),
+            "order of key {key}"
+        );
     }
     assert_eq!(repo.outbox_stats().await.unwrap().unpublished, 0);
     observer.stop().await;
@@ -132,11 +149,17 @@ async fn a_failing_row_backs_off_without_blocking_other_keys() {
     let cluster = Cluster::start().await;
     let mut kafka = kafka_settings(&cluster);
     cluster.create_topics(&kafka.topic_prefix, 2).await;
-    kafka.librdkafka.insert("message.max.bytes".into(), "2000".into());
+    kafka
+        .librdkafka
+        .insert("message.max.bytes".into(), "2000".into());
     let observer = Observer::published(&kafka);
     // Batch 0's second row is too large to ever be accepted.
     let keys = fill(&repo, 3, 3, |b, n| {
-        let filler = if (b, n) == (0, 1) { "x".repeat(5000) } else { String::new() };
+        let filler = if (b, n) == (0, 1) {
+            "x".repeat(5000)
+        } else {
+            String::new()
+        };
         json!({"batch": b, "n": n, "filler": filler})
     })
     .await;
@@ -152,16 +175,35 @@ async fn a_failing_row_backs_off_without_blocking_other_keys() {
     );
     let first = r.publish_once().await.unwrap();
     assert_eq!(first.failed, 1);
-    assert_eq!(first.published, 1 + 3 + 3, "the failing key stops at its failure; other keys flow");
-    assert_eq!(r.publish_once().await.unwrap().published, 0, "the failed row waits for its next attempt");
+    assert_eq!(
+        first.published,
+        1 + 3 + 3,
+        "the failing key stops at its failure; other keys flow"
+    );
+    assert_eq!(
+        r.publish_once().await.unwrap().published,
+        0,
+        "the failed row waits for its next attempt"
+    );
     let rows = repo.outbox_rows(Some(&keys[0])).await.unwrap();
     assert!(rows[0].published_at.is_some());
     assert_eq!(rows[1].attempts, 1);
-    assert!(rows[1].last_error.as_deref().is_some_and(|e| !e.is_empty()), "operators see the error");
+    assert!(
+        rows[1].last_error.as_deref().is_some_and(|e| !e.is_empty()),
+        "operators see the error"
+    );
     assert!(rows[1].next_attempt_at > chrono::Utc::now() + chrono::Duration::seconds(30));
-    assert!(rows[2].published_at.is_none(), "rows behind a failure keep their order");
+    assert!(
+        rows[2].published_at.is_none(),
+        "rows behind a failure keep their order"
+    );
     let seen = observer.wait_for(topics::TEACHER_NOTIFICATION, 7).await;
-    assert_eq!(seen.iter().filter(|s| s.key.as_deref() == Some(keys[0].as_str())).count(), 1);
+    assert_eq!(
+        seen.iter()
+            .filter(|s| s.key.as_deref() == Some(keys[0].as_str()))
+            .count(),
+        1
+    );
     observer.stop().await;
 }
 
@@ -188,18 +230,30 @@ async fn a_lease_outlives_slow_publishing() {
     let slow = relay(&repo, &kafka, short.clone(), &metrics);
     let other = relay(&repo, &kafka, short, &metrics);
     // Each broker answer takes 2.5 s: four lease lengths.
-    mock.cluster().broker_round_trip_time(1, Duration::from_millis(2500)).unwrap();
+    mock.cluster()
+        .broker_round_trip_time(1, Duration::from_millis(2500))
+        .unwrap();
     let first = tokio::spawn(async move { slow.publish_once().await.unwrap() });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let stolen = other.publish_once().await.unwrap();
-    assert_eq!(stolen.claimed, 0, "the lease was renewed while the first relay published");
-    mock.cluster().broker_round_trip_time(1, Duration::ZERO).unwrap();
+    assert_eq!(
+        stolen.claimed, 0,
+        "the lease was renewed while the first relay published"
+    );
+    mock.cluster()
+        .broker_round_trip_time(1, Duration::ZERO)
+        .unwrap();
     let first = first.await.unwrap();
     assert_eq!(first.published, 15);
     assert_eq!(metrics.relay_lease_lost.get(), 0);
     let seen = observer.wait_for(topics::TEACHER_NOTIFICATION, 15).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(observer.on(topics::TEACHER_NOTIFICATION).len(), 15, "published once: {}", seen.len());
+    assert_eq!(
+        observer.on(topics::TEACHER_NOTIFICATION).len(),
+        15,
+        "published once: {}",
+        seen.len()
+    );
     observer.stop().await;
 }
 
@@ -238,7 +292,9 @@ async fn housekeeping_runs_while_the_relay_is_busy() {
     // A steady backlog: rows keep coming while the relay works through them.
     let busy_relay = relay(&repo, &kafka, settings.clone(), &metrics);
     let (stop, stopped) = watch::channel(false);
-    let wake = Box::new(bos::outbox::NotifyWake(Arc::new(tokio::sync::Notify::new())));
+    let wake = Box::new(bos::outbox::NotifyWake(
+        Arc::new(tokio::sync::Notify::new()),
+    ));
     let relay_task = tokio::spawn(busy_relay.run(wake, stopped.clone()));
     let feeder = {
         let repo = repo.clone();
@@ -254,11 +310,19 @@ async fn housekeeping_runs_while_the_relay_is_busy() {
         metrics: metrics.clone(),
     };
     let house = tokio::spawn(housekeeping.run(stopped));
-    eventually(Duration::from_secs(30), "purges and backlog figures while busy", || async {
-        metrics.purged.with_label_values(&["event_outbox"]).get() >= 30
-            && metrics.purged.with_label_values(&["processed_events"]).get() == 50
-            && metrics.outbox_backlog.get() > 0
-    })
+    eventually(
+        Duration::from_secs(30),
+        "purges and backlog figures while busy",
+        || async {
+            metrics.purged.with_label_values(&["event_outbox"]).get() >= 30
+                && metrics
+                    .purged
+                    .with_label_values(&["processed_events"])
+                    .get()
+                    == 50
+                && metrics.outbox_backlog.get() > 0
+        },
+    )
     .await;
     assert!(!feeder.is_finished() || metrics.relay_published.get() > 0);
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_events")

@@ -81,7 +81,11 @@ mod scenarios {
         repo.migrate().await.unwrap();
         repo.migrate().await.expect("migrating twice is harmless");
         repo.ping().await.unwrap();
-        assert!(repo.enum_domains().await.unwrap().contains_key("batches.status"));
+        assert!(repo
+            .enum_domains()
+            .await
+            .unwrap()
+            .contains_key("batches.status"));
     }
 
     pub async fn create_and_read_back(repo: Repo) {
@@ -92,12 +96,18 @@ mod scenarios {
         let outbox = repo.outbox_rows(Some(&batch.id)).await.unwrap();
         assert_eq!(outbox.len(), 1);
         assert_eq!(outbox[0].id, messages[0].event_id);
-        assert_eq!(outbox[0].payload, messages[0].payload, "the exact bytes are kept");
+        assert_eq!(
+            outbox[0].payload, messages[0].payload,
+            "the exact bytes are kept"
+        );
         let again = repo
             .commit(UnitOfWork::create(batch.clone(), Vec::new()))
             .await
             .unwrap();
-        assert!(again.conflicts.contains(&batch.id), "creating twice conflicts");
+        assert!(
+            again.conflicts.contains(&batch.id),
+            "creating twice conflicts"
+        );
     }
 
     pub async fn state_round_trip(repo: Repo) {
@@ -142,7 +152,10 @@ mod scenarios {
         assert_eq!(read(&repo, &a.id).await.version, 1, "no blind write");
         assert!(!processed(&repo, ea).await, "no inbox row for the loser");
         assert_eq!(repo.outbox_rows(Some(&a.id)).await.unwrap().len(), 1);
-        assert_eq!(read(&repo, &b.id).await.status, BatchStatus::ReadyForPipelineExecution);
+        assert_eq!(
+            read(&repo, &b.id).await.status,
+            BatchStatus::ReadyForPipelineExecution
+        );
         assert!(processed(&repo, eb).await);
         assert_eq!(repo.outbox_rows(Some(&b.id)).await.unwrap().len(), 2);
     }
@@ -156,7 +169,10 @@ mod scenarios {
                     &batch,
                     1,
                     Uuid::new_v4(),
-                    [BatchStatus::Cancelled, BatchStatus::ReadyForPipelineExecution][i],
+                    [
+                        BatchStatus::Cancelled,
+                        BatchStatus::ReadyForPipelineExecution,
+                    ][i],
                 );
                 tokio::spawn(async move { repo.commit(u).await.unwrap().conflicts.is_empty() })
             })
@@ -216,7 +232,11 @@ mod scenarios {
     pub async fn an_unknown_batch_is_reported_not_written(repo: Repo) {
         let (batch, _) = support::new_batch(1);
         assert_eq!(repo.get_batch(&batch.id).await.unwrap(), None);
-        assert!(repo.get_batches(std::slice::from_ref(&batch.id)).await.unwrap().is_empty());
+        assert!(repo
+            .get_batches(std::slice::from_ref(&batch.id))
+            .await
+            .unwrap()
+            .is_empty());
         let event = Uuid::new_v4();
         let done = repo
             .commit(unit(&batch, 1, event, BatchStatus::Cancelled))
@@ -241,12 +261,21 @@ mod scenarios {
             "{result:?}"
         );
         let now = read(&repo, &batch.id).await;
-        assert_eq!((now.status, now.version), (batch.status, 1), "no state change");
+        assert_eq!(
+            (now.status, now.version),
+            (batch.status, 1),
+            "no state change"
+        );
         assert!(!processed(&repo, event).await, "no inbox row");
         assert_eq!(repo.outbox_rows(Some(&batch.id)).await.unwrap().len(), 1);
         // Without the offending row the same unit applies.
         let done = repo
-            .commit(unit(&batch, 1, event, BatchStatus::ReadyForPipelineExecution))
+            .commit(unit(
+                &batch,
+                1,
+                event,
+                BatchStatus::ReadyForPipelineExecution,
+            ))
             .await
             .unwrap();
         assert_eq!(done.versions[&batch.id], 2);
@@ -256,9 +285,14 @@ mod scenarios {
     pub async fn events_recorded_meanwhile_are_reported(repo: Repo) {
         let (batch, _) = created(&repo, 1).await;
         let event = Uuid::new_v4();
-        repo.commit(unit(&batch, 1, event, BatchStatus::ReadyForPipelineExecution))
-            .await
-            .unwrap();
+        repo.commit(unit(
+            &batch,
+            1,
+            event,
+            BatchStatus::ReadyForPipelineExecution,
+        ))
+        .await
+        .unwrap();
         assert!(processed(&repo, event).await);
         // The same event again with a write that would win: all rolled back.
         let raced = repo
@@ -297,14 +331,21 @@ mod scenarios {
             correlation_id: correlation,
             completed_at: None,
         }];
-        w.snapshots = vec![(correlation, serde_json::json!({"phases_to_run": ["spellcheck"]}))];
+        w.snapshots = vec![(
+            correlation,
+            serde_json::json!({"phases_to_run": ["spellcheck"]}),
+        )];
         let essays = w.batch.essays.clone();
         repo.commit(u).await.unwrap();
         assert_eq!(read(&repo, &batch.id).await.essays, essays);
         let history = repo.phase_history(&batch.id).await.unwrap();
         assert_eq!(history.len(), 1);
         assert_eq!(
-            (history[0].phase, history[0].old_status, history[0].new_status),
+            (
+                history[0].phase,
+                history[0].old_status,
+                history[0].new_status
+            ),
             (
                 PhaseName::Spellcheck,
                 PipelineExecutionStatus::SkippedByUserConfig,
@@ -334,7 +375,12 @@ mod scenarios {
         let (b, _) = created(&repo, 1).await;
         // Three more rows for a, one for b.
         for (batch, version) in [(&a, 1), (&b, 1)] {
-            let mut u = unit(batch, version, Uuid::new_v4(), BatchStatus::ReadyForPipelineExecution);
+            let mut u = unit(
+                batch,
+                version,
+                Uuid::new_v4(),
+                BatchStatus::ReadyForPipelineExecution,
+            );
             if batch.id == a.id {
                 u.outbox.push(message(batch));
                 u.outbox.push(message(batch));
@@ -353,8 +399,11 @@ mod scenarios {
         // The second relay gets only rows of keys whose head is free.
         let second = repo.claim_outbox(two, 10, lease).await.unwrap();
         for r in &second {
-            assert!(!keys.contains(r.key.as_str()) || first.iter().all(|f| f.key != r.key || f.seq < r.seq),
-                "a key's rows are not handed to two relays out of order");
+            assert!(
+                !keys.contains(r.key.as_str())
+                    || first.iter().all(|f| f.key != r.key || f.seq < r.seq),
+                "a key's rows are not handed to two relays out of order"
+            );
         }
         // Settling: only the holder settles; renewing extends only its own rows.
         let ids: Vec<Uuid> = first.iter().map(|r| r.id).collect();
@@ -367,24 +416,39 @@ mod scenarios {
             next_attempt_at: chrono::Utc::now() + chrono::Duration::hours(1),
         };
         assert_eq!(
-            repo.settle_outbox(one, &ids[..2], &[failure], &[]).await.unwrap(),
+            repo.settle_outbox(one, &ids[..2], &[failure], &[])
+                .await
+                .unwrap(),
             3
         );
         let rows = repo.outbox_rows(None).await.unwrap();
         let failed = rows.iter().find(|r| r.id == ids[2]).unwrap();
-        assert_eq!((failed.attempts, failed.last_error.as_deref()), (1, Some("broker down")));
-        assert!(rows.iter().filter(|r| ids[..2].contains(&r.id)).all(|r| r.published_at.is_some()));
+        assert_eq!(
+            (failed.attempts, failed.last_error.as_deref()),
+            (1, Some("broker down"))
+        );
+        assert!(rows
+            .iter()
+            .filter(|r| ids[..2].contains(&r.id))
+            .all(|r| r.published_at.is_some()));
         let stuck = repo.stuck_outbox_rows(10).await.unwrap();
         assert_eq!(stuck.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[2]]);
         let stats = repo.outbox_stats().await.unwrap();
         assert_eq!(stats.failing, 1);
         // A failed head holds its key until it is due.
-        repo.settle_outbox(two, &[], &[], &second.iter().map(|r| r.id).collect::<Vec<_>>())
-            .await
-            .unwrap();
+        repo.settle_outbox(
+            two,
+            &[],
+            &[],
+            &second.iter().map(|r| r.id).collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
         let again = repo.claim_outbox(one, 10, lease).await.unwrap();
         assert!(
-            again.iter().all(|r| r.key != failed.key || r.seq < failed.seq),
+            again
+                .iter()
+                .all(|r| r.key != failed.key || r.seq < failed.seq),
             "nothing behind the failed row of its key"
         );
     }
@@ -393,20 +457,33 @@ mod scenarios {
         let (batch, _) = created(&repo, 1).await;
         let events: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
         for (version, &e) in (1..).zip(&events) {
-            repo.commit(unit(&batch, version, e, BatchStatus::ReadyForPipelineExecution))
-                .await
-                .unwrap();
+            repo.commit(unit(
+                &batch,
+                version,
+                e,
+                BatchStatus::ReadyForPipelineExecution,
+            ))
+            .await
+            .unwrap();
         }
         let relay = Uuid::new_v4();
-        let rows = repo.claim_outbox(relay, 100, Duration::from_secs(30)).await.unwrap();
+        let rows = repo
+            .claim_outbox(relay, 100, Duration::from_secs(30))
+            .await
+            .unwrap();
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         repo.settle_outbox(relay, &ids, &[], &[]).await.unwrap();
         let later = chrono::Utc::now() + chrono::Duration::seconds(5);
         assert_eq!(repo.purge_outbox(later, 2).await.unwrap(), 2, "one chunk");
         assert_eq!(repo.purge_outbox(later, 100).await.unwrap(), 4);
         assert_eq!(repo.purge_inbox(later, 3).await.unwrap(), 3, "one chunk");
-        assert_eq!(repo.purge_inbox(chrono::Utc::now() - chrono::Duration::hours(1), 100).await.unwrap(), 0,
-            "rows younger than the retention stay");
+        assert_eq!(
+            repo.purge_inbox(chrono::Utc::now() - chrono::Duration::hours(1), 100)
+                .await
+                .unwrap(),
+            0,
+            "rows younger than the retention stay"
+        );
         assert_eq!(repo.purge_inbox(later, 100).await.unwrap(), 2);
         assert!(repo.processed(&events).await.unwrap().is_empty());
     }
@@ -414,7 +491,11 @@ mod scenarios {
     pub async fn enum_values_match_rust(repo: Repo) {
         let stored = repo.enum_domains().await.unwrap();
         for (column, values) in rust_enum_domains() {
-            assert_eq!(stored.get(&column), Some(&values), "allowed values of {column}");
+            assert_eq!(
+                stored.get(&column),
+                Some(&values),
+                "allowed values of {column}"
+            );
         }
     }
 }
@@ -466,7 +547,10 @@ contract_suite!(
 async fn an_unreachable_database_is_named_in_one_line() {
     let mut settings = bos::config::DatabaseSettings::new("postgres://bos:secret@127.0.0.1:1/bos");
     settings.acquire_timeout = Duration::from_secs(3);
-    let e = PgRepository::connect(&settings).await.unwrap_err().to_string();
+    let e = PgRepository::connect(&settings)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("127.0.0.1:1/bos"), "{e}");
     assert!(e.contains("connection refused"), "{e}");
     assert!(!e.contains("secret"), "{e}");

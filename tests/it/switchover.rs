@@ -20,7 +20,13 @@ use crate::support::TEACHER;
 /// The original's schema (Alembic head `e5f7a9b1c3d5`), with `phases` as its
 /// `pipeline_phase_enum` (migrations and `create_all` spell `nlp` differently).
 async fn legacy_schema(pool: &PgPool, phases: &[&str]) {
-    let quoted = |values: &[&str]| values.iter().map(|v| format!("'{v}'")).collect::<Vec<_>>().join(", ");
+    let quoted = |values: &[&str]| {
+        values
+            .iter()
+            .map(|v| format!("'{v}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let statements = [
         format!(
             "CREATE TYPE batch_status_enum AS ENUM ({})",
@@ -113,7 +119,14 @@ struct Legacy {
 }
 
 impl Legacy {
-    async fn batch(&self, id: &str, status: &str, class_id: Option<&str>, pipeline: Value, prompt: bool) {
+    async fn batch(
+        &self,
+        id: &str,
+        status: &str,
+        class_id: Option<&str>,
+        pipeline: Value,
+        prompt: bool,
+    ) {
         sqlx::query(
             "INSERT INTO batches (id, correlation_id, name, class_id, status, pipeline_configuration, total_essays, \
                processing_metadata) VALUES ($1, $1, 'ENG5 - teacher', $2, $3::batch_status_enum, $4::json, 2, $5::json)",
@@ -163,7 +176,15 @@ impl Legacy {
     }
 
     /// An outbox row as the original writes it: the envelope plus `topic` and `headers`.
-    async fn outbox(&self, key: &str, topic: &str, event_id: Uuid, corr: Uuid, data: Value, published: bool) {
+    async fn outbox(
+        &self,
+        key: &str,
+        topic: &str,
+        event_id: Uuid,
+        corr: Uuid,
+        data: Value,
+        published: bool,
+    ) {
         let envelope = json!({"event_id": event_id, "event_type": topic, "event_timestamp": "2026-11-20T10:00:00.000000Z",
             "source_service": "batch_orchestrator_service", "schema_version": 1, "correlation_id": corr,
             "data_schema_uri": null, "data": data, "metadata": null, "topic": topic,
@@ -215,52 +236,168 @@ struct Filled {
 /// says `nlp`).
 async fn fill(legacy: &Legacy, nlp: &str) -> Filled {
     let id = |_: &str| Uuid::new_v4().to_string();
-    let initial = |b: &str| pipeline(b, &["spellcheck"], &[("spellcheck", "pending_dependencies")]);
+    let initial = |b: &str| {
+        pipeline(
+            b,
+            &["spellcheck"],
+            &[("spellcheck", "pending_dependencies")],
+        )
+    };
     let awaiting = id("awaiting");
-    legacy.batch(&awaiting, "awaiting_content_validation", None, initial(&awaiting), true).await;
+    legacy
+        .batch(
+            &awaiting,
+            "awaiting_content_validation",
+            None,
+            initial(&awaiting),
+            true,
+        )
+        .await;
     let matching = id("matching");
-    legacy.batch(&matching, "awaiting_student_validation", Some("class-1"), initial(&matching), true).await;
+    legacy
+        .batch(
+            &matching,
+            "awaiting_student_validation",
+            Some("class-1"),
+            initial(&matching),
+            true,
+        )
+        .await;
     let validated = id("validated");
-    legacy.batch(&validated, "student_validation_completed", Some("class-1"), initial(&validated), true).await;
+    legacy
+        .batch(
+            &validated,
+            "student_validation_completed",
+            Some("class-1"),
+            initial(&validated),
+            true,
+        )
+        .await;
     let idle = id("idle");
-    legacy.batch(&idle, "ready_for_pipeline_execution", None, initial(&idle), true).await;
+    legacy
+        .batch(
+            &idle,
+            "ready_for_pipeline_execution",
+            None,
+            initial(&idle),
+            true,
+        )
+        .await;
     legacy.essays(&idle).await;
     // A run of cj_assessment with its spellcheck command not yet published.
     let spell = id("spell");
     legacy
-        .batch(&spell, "ready_for_pipeline_execution", None,
-            pipeline(&spell, &["spellcheck", "cj_assessment"], &[("spellcheck", "dispatch_initiated"), ("cj_assessment", "pending_dependencies")]), true)
+        .batch(
+            &spell,
+            "ready_for_pipeline_execution",
+            None,
+            pipeline(
+                &spell,
+                &["spellcheck", "cj_assessment"],
+                &[
+                    ("spellcheck", "dispatch_initiated"),
+                    ("cj_assessment", "pending_dependencies"),
+                ],
+            ),
+            true,
+        )
         .await;
     let spell_essays = legacy.essays(&spell).await;
     let (spell_corr, spell_event) = (Uuid::new_v4(), Uuid::new_v4());
-    legacy.log(&spell, "spellcheck", "initiated", spell_corr).await;
-    legacy.outbox(&spell, topics::SPELLCHECK_COMMAND, Uuid::new_v4(), spell_corr, json!({"entity_id": spell, "note": "published earlier"}), true).await;
-    legacy.outbox(&spell, topics::SPELLCHECK_COMMAND, spell_event, spell_corr, spellcheck_command(&spell, &spell_essays), false).await;
+    legacy
+        .log(&spell, "spellcheck", "initiated", spell_corr)
+        .await;
+    legacy
+        .outbox(
+            &spell,
+            topics::SPELLCHECK_COMMAND,
+            Uuid::new_v4(),
+            spell_corr,
+            json!({"entity_id": spell, "note": "published earlier"}),
+            true,
+        )
+        .await;
+    legacy
+        .outbox(
+            &spell,
+            topics::SPELLCHECK_COMMAND,
+            spell_event,
+            spell_corr,
+            spellcheck_command(&spell, &spell_essays),
+            false,
+        )
+        .await;
     // A run of nlp: spellcheck done, nlp in progress.
     let nlp_batch = id("nlp");
     legacy
-        .batch(&nlp_batch, "ready_for_pipeline_execution", None,
-            pipeline(&nlp_batch, &["spellcheck", "nlp"], &[("spellcheck", "completed_successfully"), ("nlp", "in_progress")]), true)
+        .batch(
+            &nlp_batch,
+            "ready_for_pipeline_execution",
+            None,
+            pipeline(
+                &nlp_batch,
+                &["spellcheck", "nlp"],
+                &[
+                    ("spellcheck", "completed_successfully"),
+                    ("nlp", "in_progress"),
+                ],
+            ),
+            true,
+        )
         .await;
     let nlp_essays = legacy.essays(&nlp_batch).await;
     let nlp_corr = Uuid::new_v4();
-    legacy.log(&nlp_batch, "spellcheck", "initiated", nlp_corr).await;
-    legacy.log(&nlp_batch, "spellcheck", "completed", nlp_corr).await;
+    legacy
+        .log(&nlp_batch, "spellcheck", "initiated", nlp_corr)
+        .await;
+    legacy
+        .log(&nlp_batch, "spellcheck", "completed", nlp_corr)
+        .await;
     legacy.log(&nlp_batch, nlp, "initiated", nlp_corr).await;
     let failed = id("failed");
-    legacy.batch(&failed, "failed_critically", None, initial(&failed), true).await;
+    legacy
+        .batch(&failed, "failed_critically", None, initial(&failed), true)
+        .await;
     // What bos cannot represent.
     let processing = id("processing");
-    legacy.batch(&processing, "processing", None, initial(&processing), true).await;
+    legacy
+        .batch(&processing, "processing", None, initial(&processing), true)
+        .await;
     let both = id("both");
     legacy
-        .batch(&both, "ready_for_pipeline_execution", None,
-            pipeline(&both, &["spellcheck", "nlp"], &[("spellcheck", "in_progress"), ("nlp", "dispatch_initiated")]), true)
+        .batch(
+            &both,
+            "ready_for_pipeline_execution",
+            None,
+            pipeline(
+                &both,
+                &["spellcheck", "nlp"],
+                &[("spellcheck", "in_progress"), ("nlp", "dispatch_initiated")],
+            ),
+            true,
+        )
         .await;
     // A row of no batch at all.
-    legacy.outbox("stray-key", topics::TEACHER_NOTIFICATION, Uuid::new_v4(), Uuid::new_v4(), json!({"teacher_id": TEACHER}), false).await;
+    legacy
+        .outbox(
+            "stray-key",
+            topics::TEACHER_NOTIFICATION,
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            json!({"teacher_id": TEACHER}),
+            false,
+        )
+        .await;
     Filled {
-        all: vec![awaiting, matching, validated, idle.clone(), spell.clone(), nlp_batch.clone(), failed],
+        all: vec![
+            awaiting,
+            matching,
+            validated,
+            idle.clone(),
+            spell.clone(),
+            nlp_batch.clone(),
+            failed,
+        ],
         idle,
         spellcheck_in_flight: (spell, spell_corr, spell_event),
         nlp_in_flight: (nlp_batch, nlp_corr, nlp_essays),
@@ -284,14 +421,23 @@ fn bos(args: &[&str], env: &[(String, String)]) -> (bool, String, String) {
 }
 
 async fn count(pool: &PgPool, table: &str) -> i64 {
-    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(pool).await.unwrap()
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn import_legacy_carries_every_state_once_and_never_writes_the_source() {
     let source = Database::fresh().await;
-    legacy_schema(&source.pool, &["spellcheck", "nlp_analysis", "cj_assessment", "ai_feedback"]).await;
-    let legacy = Legacy { pool: source.pool.clone() };
+    legacy_schema(
+        &source.pool,
+        &["spellcheck", "nlp_analysis", "cj_assessment", "ai_feedback"],
+    )
+    .await;
+    let legacy = Legacy {
+        pool: source.pool.clone(),
+    };
     let filled = fill(&legacy, "nlp_analysis").await;
     let before = legacy.fingerprint().await;
     let target = Database::fresh().await;
@@ -300,30 +446,60 @@ async fn import_legacy_carries_every_state_once_and_never_writes_the_source() {
     assert!(ok, "{err}");
 
     // A dry run reports and writes nothing.
-    let (ok, out, err) = bos(&["import-legacy", "--from", &source.url, "--dry-run", "--json"], &env);
+    let (ok, out, err) = bos(
+        &[
+            "import-legacy",
+            "--from",
+            &source.url,
+            "--dry-run",
+            "--json",
+        ],
+        &env,
+    );
     assert!(ok, "{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((report["imported"].as_u64(), report["refused"].as_u64()), (Some(7), Some(2)), "{out}");
+    assert_eq!(
+        (report["imported"].as_u64(), report["refused"].as_u64()),
+        (Some(7), Some(2)),
+        "{out}"
+    );
     assert_eq!(count(&target.pool, "batches").await, 0);
     assert_eq!(count(&target.pool, "event_outbox").await, 0);
 
     // The import: per batch, with the refusals' reasons.
     let (ok, out, err) = bos(&["import-legacy", "--from", &source.url], &env);
     assert!(ok, "{err}");
-    assert!(out.contains("7 batch(es) imported, 0 skipped, 2 refused; 1 unattached outbox row(s)"), "{out}");
-    assert!(out.contains(&format!("refused      {}  status `processing`", filled.refused[0])), "{out}");
+    assert!(
+        out.contains("7 batch(es) imported, 0 skipped, 2 refused; 1 unattached outbox row(s)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "refused      {}  status `processing`",
+            filled.refused[0]
+        )),
+        "{out}"
+    );
     assert!(out.contains("several phases are in flight"), "{out}");
     assert_eq!(count(&target.pool, "batches").await, 7);
     let (spell, spell_corr, spell_event) = &filled.spellcheck_in_flight;
-    let row: (String, String, String) = sqlx::query_as("SELECT topic, message_key, payload FROM event_outbox WHERE id = $1")
-        .bind(spell_event)
-        .fetch_one(&target.pool)
-        .await
-        .expect("the unpublished command, under its event id");
-    assert_eq!((row.0.as_str(), row.1.as_str()), (topics::SPELLCHECK_COMMAND, spell.as_str()));
+    let row: (String, String, String) =
+        sqlx::query_as("SELECT topic, message_key, payload FROM event_outbox WHERE id = $1")
+            .bind(spell_event)
+            .fetch_one(&target.pool)
+            .await
+            .expect("the unpublished command, under its event id");
+    assert_eq!(
+        (row.0.as_str(), row.1.as_str()),
+        (topics::SPELLCHECK_COMMAND, spell.as_str())
+    );
     let envelope: Value = serde_json::from_str(&row.2).unwrap();
     assert!(envelope.get("topic").is_none() && envelope["event_id"] == json!(spell_event));
-    assert_eq!(count(&target.pool, "event_outbox").await, 2, "the unpublished command and the stray row, not the published one");
+    assert_eq!(
+        count(&target.pool, "event_outbox").await,
+        2,
+        "the unpublished command and the stray row, not the published one"
+    );
     let (ok, shown, _) = bos(&["batch", "show", spell, "--json"], &env);
     assert!(ok);
     let shown: Value = serde_json::from_str(&shown).unwrap();
@@ -331,11 +507,12 @@ async fn import_legacy_carries_every_state_once_and_never_writes_the_source() {
     assert_eq!(shown["current_run"]["correlation_id"], json!(spell_corr));
     assert_eq!(shown["essays"].as_array().unwrap().len(), 2);
     let (nlp_batch, _, _) = &filled.nlp_in_flight;
-    let history: i64 = sqlx::query_scalar("SELECT count(*) FROM phase_status_log WHERE batch_id = $1")
-        .bind(nlp_batch)
-        .fetch_one(&target.pool)
-        .await
-        .unwrap();
+    let history: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM phase_status_log WHERE batch_id = $1")
+            .bind(nlp_batch)
+            .fetch_one(&target.pool)
+            .await
+            .unwrap();
     assert_eq!(history, 3, "the phase history, nlp_analysis read as nlp");
 
     // Again: nothing changes, and it says so.
@@ -353,29 +530,64 @@ async fn import_legacy_carries_every_state_once_and_never_writes_the_source() {
     assert!(ok);
     assert!(out.contains("0 batch(es) imported, 7 skipped, 2 refused; 0 unattached outbox row(s) — nothing changed"), "{out}");
     assert_eq!(dump(target.pool.clone()).await, imported);
-    assert_eq!(legacy.fingerprint().await, before, "the source is never written");
+    assert_eq!(
+        legacy.fingerprint().await,
+        before,
+        "the source is never written"
+    );
 
     // One batch by name, into another database.
     let other = Database::fresh().await;
     let env = vec![("DATABASE_URL".to_owned(), other.url.clone())];
     assert!(bos(&["migrate"], &env).0);
-    let (ok, out, err) = bos(&["import-legacy", "--from", &source.url, "--batch", &filled.idle], &env);
+    let (ok, out, err) = bos(
+        &[
+            "import-legacy",
+            "--from",
+            &source.url,
+            "--batch",
+            &filled.idle,
+        ],
+        &env,
+    );
     assert!(ok, "{err}");
     assert!(out.contains("1 batch(es) imported"), "{out}");
     assert_eq!(count(&other.pool, "batches").await, 1);
     assert_eq!(count(&other.pool, "event_outbox").await, 0);
 
     // A source that is not the original's database: one clear line.
-    let (ok, _, err) = bos(&["import-legacy", "--from", "postgres://postgres@127.0.0.1:1/none"], &env);
-    assert!(!ok && err.lines().count() == 1 && err.contains("127.0.0.1:1"), "{err}");
+    let (ok, _, err) = bos(
+        &[
+            "import-legacy",
+            "--from",
+            "postgres://postgres@127.0.0.1:1/none",
+        ],
+        &env,
+    );
+    assert!(
+        !ok && err.lines().count() == 1 && err.contains("127.0.0.1:1"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn imported_batches_finish_their_pipelines_through_kafka() {
     let source = Database::fresh().await;
     // The spelling `create_all` gives the phase enum.
-    legacy_schema(&source.pool, &["spellcheck", "ai_feedback", "cj_assessment", "nlp", "student_matching"]).await;
-    let legacy = Legacy { pool: source.pool.clone() };
+    legacy_schema(
+        &source.pool,
+        &[
+            "spellcheck",
+            "ai_feedback",
+            "cj_assessment",
+            "nlp",
+            "student_matching",
+        ],
+    )
+    .await;
+    let legacy = Legacy {
+        pool: source.pool.clone(),
+    };
     let filled = fill(&legacy, "nlp").await;
     let url = source.url.clone();
     let flow = Flow::with(FlowOptions {
@@ -383,7 +595,10 @@ async fn imported_batches_finish_their_pipelines_through_kafka() {
             Box::pin(async move {
                 let source = bos::legacy::import::Source::connect(&url).await.unwrap();
                 let (batches, unattached) = source.read(&[]).await.unwrap();
-                let report = bos::legacy::import::import(repo.as_ref(), &batches, &unattached, false).await.unwrap();
+                let report =
+                    bos::legacy::import::import(repo.as_ref(), &batches, &unattached, false)
+                        .await
+                        .unwrap();
                 assert_eq!(report.imported, 7, "{}", report.render());
             })
         })),
@@ -394,33 +609,66 @@ async fn imported_batches_finish_their_pipelines_through_kafka() {
     let (spell, spell_corr, spell_event) = filled.spellcheck_in_flight.clone();
     let commands = flow.observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
     assert_eq!(commands[0].value["event_id"], json!(spell_event));
-    flow.answer(&spell, PhaseName::Spellcheck, &commands[0], &[]).await;
-    let cj = flow.observer.wait_for(topics::CJ_ASSESSMENT_COMMAND, 1).await;
-    assert_eq!(correlation(&cj[0]), spell_corr, "the run goes on under its correlation id");
-    flow.answer(&spell, PhaseName::CjAssessment, &cj[0], &[]).await;
+    flow.answer(&spell, PhaseName::Spellcheck, &commands[0], &[])
+        .await;
+    let cj = flow
+        .observer
+        .wait_for(topics::CJ_ASSESSMENT_COMMAND, 1)
+        .await;
+    assert_eq!(
+        correlation(&cj[0]),
+        spell_corr,
+        "the run goes on under its correlation id"
+    );
+    flow.answer(&spell, PhaseName::CjAssessment, &cj[0], &[])
+        .await;
     // The nlp run: the original sent its command long ago; its outcome arrives now.
     let (nlp_batch, nlp_corr, nlp_essays) = filled.nlp_in_flight.clone();
     let outcome = upstream::phase_outcome(&nlp_batch, PhaseName::Nlp, &nlp_essays, &[], nlp_corr);
-    flow.up.send(topics::PHASE_OUTCOME, &nlp_batch, nlp_corr, outcome).await;
+    flow.up
+        .send(topics::PHASE_OUTCOME, &nlp_batch, nlp_corr, outcome)
+        .await;
     // The idle batch takes a new request.
     flow.request(&filled.idle, "spellcheck").await;
     let spellchecks = flow.observer.wait_for(topics::SPELLCHECK_COMMAND, 2).await;
-    let idle_command = spellchecks.iter().find(|s| s.key.as_deref() == Some(filled.idle.as_str())).unwrap();
-    flow.answer(&filled.idle, PhaseName::Spellcheck, idle_command, &[]).await;
+    let idle_command = spellchecks
+        .iter()
+        .find(|s| s.key.as_deref() == Some(filled.idle.as_str()))
+        .unwrap();
+    flow.answer(&filled.idle, PhaseName::Spellcheck, idle_command, &[])
+        .await;
     let done = flow.observer.wait_for(topics::PIPELINE_COMPLETED, 3).await;
     let finished: std::collections::BTreeMap<String, (Value, Value)> = done
         .iter()
         .map(|d| {
             (
                 data(d)["batch_id"].as_str().unwrap().to_owned(),
-                (data(d)["final_status"].clone(), data(d)["completed_phases"].clone()),
+                (
+                    data(d)["final_status"].clone(),
+                    data(d)["completed_phases"].clone(),
+                ),
             )
         })
         .collect();
-    assert_eq!(finished[&spell], (json!("completed_successfully"), json!(["spellcheck", "cj_assessment"])));
-    assert_eq!(finished[&nlp_batch], (json!("completed_successfully"), json!(["spellcheck", "nlp"])));
+    assert_eq!(
+        finished[&spell],
+        (
+            json!("completed_successfully"),
+            json!(["spellcheck", "cj_assessment"])
+        )
+    );
+    assert_eq!(
+        finished[&nlp_batch],
+        (
+            json!("completed_successfully"),
+            json!(["spellcheck", "nlp"])
+        )
+    );
     assert_eq!(finished[&filled.idle].1, json!(["spellcheck"]));
-    let spell_done = done.iter().find(|d| data(d)["batch_id"] == json!(spell)).unwrap();
+    let spell_done = done
+        .iter()
+        .find(|d| data(d)["batch_id"] == json!(spell))
+        .unwrap();
     assert_eq!(correlation(spell_done), spell_corr);
     assert_eq!(filled.all.len(), 7);
     flow.finish(vec![]).await.unwrap();
@@ -430,7 +678,9 @@ async fn imported_batches_finish_their_pipelines_through_kafka() {
 async fn a_shadow_run_publishes_beside_the_live_service_and_the_report_lists_differences() {
     // "Live": a worker on its own database and topics.
     let flow = Flow::start().await;
-    flow.cluster.create_topics(&format!("shadow.{}", flow.kafka.topic_prefix), 3).await;
+    flow.cluster
+        .create_topics(&format!("shadow.{}", flow.kafka.topic_prefix), 3)
+        .await;
     let shadow_db = Database::fresh().await;
     let mut env = environment(&flow.kafka, &shadow_db.url);
     env.insert("BOS__KAFKA__TOPIC_CHECK_INTERVAL".into(), "1s".into());
@@ -439,7 +689,11 @@ async fn a_shadow_run_publishes_beside_the_live_service_and_the_report_lists_dif
     shadow_env.insert("BOS__CREDITS__POLICY".into(), "fixed_balance".into());
     shadow_env.insert("BOS__CREDITS__BALANCE".into(), "0".into());
     let mut shadow = BosProcess::start_with_args("shadow", &["run", "--shadow"], &shadow_env);
-    assert!(shadow.ready(Duration::from_secs(30)).await, "{:#?}", shadow.log());
+    assert!(
+        shadow.ready(Duration::from_secs(30)).await,
+        "{:#?}",
+        shadow.log()
+    );
     // A shadow run compares what happens after it joined.
     for _ in 0..300 {
         if shadow.logged("partitions assigned") {
@@ -452,33 +706,50 @@ async fn a_shadow_run_publishes_beside_the_live_service_and_the_report_lists_dif
     // Kafka, as the essay lifecycle service does before it provisions content.
     let (free, free_corr) = flow.register(None, 2).await;
     let (paid, paid_corr) = flow.register(None, 2).await;
-    flow.observer.wait_for(topics::BATCH_ESSAYS_REGISTERED, 2).await;
+    flow.observer
+        .wait_for(topics::BATCH_ESSAYS_REGISTERED, 2)
+        .await;
     for (id, corr) in [(&free, free_corr), (&paid, paid_corr)] {
         flow.provision(id, corr, 2).await;
     }
-    flow.wait_for_batch(&paid, |b| b.status == bos::contracts::BatchStatus::ReadyForPipelineExecution).await;
+    flow.wait_for_batch(&paid, |b| {
+        b.status == bos::contracts::BatchStatus::ReadyForPipelineExecution
+    })
+    .await;
     flow.request(&free, "spellcheck").await;
     flow.request(&paid, "cj_assessment").await;
     let spell = flow.observer.wait_for(topics::SPELLCHECK_COMMAND, 2).await;
     for s in &spell {
         let id = s.key.clone().unwrap();
-        flow.answer(&id, PhaseName::Spellcheck, s, &["essay-1"]).await;
+        flow.answer(&id, PhaseName::Spellcheck, s, &["essay-1"])
+            .await;
     }
-    let cj = flow.observer.wait_for(topics::CJ_ASSESSMENT_COMMAND, 1).await;
-    flow.answer(&paid, PhaseName::CjAssessment, &cj[0], &[]).await;
+    let cj = flow
+        .observer
+        .wait_for(topics::CJ_ASSESSMENT_COMMAND, 1)
+        .await;
+    flow.answer(&paid, PhaseName::CjAssessment, &cj[0], &[])
+        .await;
     flow.observer.wait_for(topics::PIPELINE_COMPLETED, 2).await;
 
     // The shadow published under its prefix: the free batch the same, the paid one denied.
-    let mut report_env: Vec<(String, String)> = environment(&flow.kafka, &flow.database.url).into_iter().collect();
+    let mut report_env: Vec<(String, String)> = environment(&flow.kafka, &flow.database.url)
+        .into_iter()
+        .collect();
     report_env.push(("RUST_LOG".into(), "error".into()));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (_, out, _) = bos(&["shadow-report", "--json"], &report_env);
-        let published = serde_json::from_str::<Value>(&out).map(|r| r["shadow_messages"].as_u64() >= Some(3));
+        let published =
+            serde_json::from_str::<Value>(&out).map(|r| r["shadow_messages"].as_u64() >= Some(3));
         if published.unwrap_or(false) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the shadow run published nothing: {out}\n{:#?}", shadow.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shadow run published nothing: {out}\n{:#?}",
+            shadow.log()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let (ok, out, err) = bos(&["shadow-report", "--json"], &report_env);
@@ -486,15 +757,30 @@ async fn a_shadow_run_publishes_beside_the_live_service_and_the_report_lists_dif
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["batches_compared"], 2, "{out}");
     let differences = report["differences"].as_array().unwrap();
-    assert!(differences.iter().all(|d| d["batch_id"] == json!(paid)), "the free batch agrees: {out}");
-    let whats: Vec<&str> = differences.iter().map(|d| d["what"].as_str().unwrap()).collect();
-    assert!(whats.contains(&"phases commanded (in order)") && whats.contains(&"denials"), "{out}");
+    assert!(
+        differences.iter().all(|d| d["batch_id"] == json!(paid)),
+        "the free batch agrees: {out}"
+    );
+    let whats: Vec<&str> = differences
+        .iter()
+        .map(|d| d["what"].as_str().unwrap())
+        .collect();
+    assert!(
+        whats.contains(&"phases commanded (in order)") && whats.contains(&"denials"),
+        "{out}"
+    );
     let (_, text, _) = bos(&["shadow-report"], &report_env);
-    assert!(text.contains("difference(s)") && text.contains(&paid), "{text}");
+    assert!(
+        text.contains("difference(s)") && text.contains(&paid),
+        "{text}"
+    );
     // Nothing of the shadow reached the live topics: one spellcheck per batch there.
     assert_eq!(flow.observer.on(topics::SPELLCHECK_COMMAND).len(), 2);
     assert_eq!(flow.observer.on(topics::PIPELINE_DENIED).len(), 0);
     shadow.signal("TERM");
-    assert!(shadow.wait(Duration::from_secs(30)).await.is_some_and(|s| s.success()));
+    assert!(shadow
+        .wait(Duration::from_secs(30))
+        .await
+        .is_some_and(|s| s.success()));
     flow.finish(vec![]).await.unwrap();
 }

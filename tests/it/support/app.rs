@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bos::app::{Application, Builder, Role};
 use bos::config::{KafkaSettings, Secret, Settings, StoreKind};
-use bos::health::Health;
 use bos::metrics::Metrics;
 use bos::store::Repository;
 use serde_json::Value;
@@ -34,10 +33,8 @@ pub fn settings(kafka: &KafkaSettings, database_url: Option<&str>) -> Settings {
 
 /// A running application, in this process.
 pub struct TestApp {
-    pub kafka: KafkaSettings,
     pub repo: Arc<dyn Repository>,
     pub metrics: Arc<Metrics>,
-    pub health: Arc<Health>,
     pub address: String,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -45,11 +42,11 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn(settings: Settings) -> Self {
-        Self::spawn_with(Application::builder(settings.clone()), &settings, Role::Worker).await
+        Self::spawn_with(Application::builder(settings), Role::Worker).await
     }
 
     /// Builds with `builder` (a test's repository or credit policy) and runs it.
-    pub async fn spawn_with(builder: Builder, settings: &Settings, role: Role) -> Self {
+    pub async fn spawn_with(builder: Builder, role: Role) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let app = builder
             .listener(listener)
@@ -57,14 +54,12 @@ impl TestApp {
             .await
             .expect("the application builds");
         let address = format!("http://127.0.0.1:{}", app.port());
-        let (repo, metrics, health) = (app.repo(), app.metrics(), app.health());
+        let (repo, metrics) = (app.repo(), app.metrics());
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(app.run_until_stopped(stopped));
         Self {
-            kafka: settings.kafka.clone(),
             repo,
             metrics,
-            health,
             address,
             stop,
             task,
@@ -74,26 +69,15 @@ impl TestApp {
     /// Stops it (as SIGTERM would) and returns how it ended.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        self.task.await.expect("the application task does not panic")
-    }
-
-    /// Whether the application ended on its own, and how.
-    pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
+        self.task
+            .await
+            .expect("the application task does not panic")
     }
 
     pub async fn join(self) -> anyhow::Result<()> {
-        self.task.await.expect("the application task does not panic")
-    }
-
-    /// Waits until the consumer has partitions (so latency or order tests
-    /// do not measure the group's start-up).
-    pub async fn assigned(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while self.metrics.rebalances.with_label_values(&["assign"]).get() == 0 {
-            assert!(tokio::time::Instant::now() < deadline, "no partitions within 30 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.task
+            .await
+            .expect("the application task does not panic")
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -174,7 +158,10 @@ pub fn environment(kafka: &KafkaSettings, database_url: &str) -> HashMap<String,
     .collect();
     for (key, value) in &kafka.librdkafka {
         env.insert(
-            format!("BOS_LIBRDKAFKA_{}", key.replace('.', "_").to_ascii_uppercase()),
+            format!(
+                "BOS_LIBRDKAFKA_{}",
+                key.replace('.', "_").to_ascii_uppercase()
+            ),
             value.clone(),
         );
     }
@@ -235,11 +222,6 @@ impl BosProcess {
     pub fn restart(&self) -> Self {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         Self::start_with_args(&self.name, &args, &self.env)
-    }
-
-    /// Whether the process has exited (and how).
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
     }
 
     pub fn log(&self) -> Vec<String> {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bos::domain::Batch;
 use bos::store::{
-    CommitError, Committed, EnumDomains, OutboxRow, OutboxStats, PhaseStatusChange,
-    PublishFailure, Repository, StoreError, StoreResult, UnitOfWork,
+    CommitError, Committed, EnumDomains, OutboxRow, OutboxStats, PhaseStatusChange, PublishFailure,
+    Repository, StoreError, StoreResult, UnitOfWork,
 };
 use serde_json::Value;
 use uuid::Uuid;
@@ -128,7 +128,12 @@ impl Repository for Faulty {
     ) -> StoreResult<Vec<OutboxRow>> {
         self.inner.claim_outbox(relay, limit, lease).await
     }
-    async fn renew_outbox_lease(&self, relay: Uuid, ids: &[Uuid], lease: Duration) -> StoreResult<u64> {
+    async fn renew_outbox_lease(
+        &self,
+        relay: Uuid,
+        ids: &[Uuid],
+        lease: Duration,
+    ) -> StoreResult<u64> {
         self.inner.renew_outbox_lease(relay, ids, lease).await
     }
     async fn settle_outbox(
@@ -138,9 +143,15 @@ impl Repository for Faulty {
         failed: &[PublishFailure],
         released: &[Uuid],
     ) -> StoreResult<u64> {
-        self.inner.settle_outbox(relay, published, failed, released).await
+        self.inner
+            .settle_outbox(relay, published, failed, released)
+            .await
     }
-    async fn purge_outbox(&self, before: bos::contracts::Timestamp, limit: i64) -> StoreResult<u64> {
+    async fn purge_outbox(
+        &self,
+        before: bos::contracts::Timestamp,
+        limit: i64,
+    ) -> StoreResult<u64> {
         self.inner.purge_outbox(before, limit).await
     }
     async fn purge_inbox(&self, before: bos::contracts::Timestamp, limit: i64) -> StoreResult<u64> {

@@ -45,7 +45,10 @@ pub struct FlowOptions {
 pub type Wrap = Box<dyn FnOnce(Arc<dyn Repository>) -> Arc<dyn Repository> + Send>;
 
 pub type BeforeStart = Box<
-    dyn FnOnce(Arc<dyn Repository>, KafkaSettings) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+    dyn FnOnce(
+            Arc<dyn Repository>,
+            KafkaSettings,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
         + Send,
 >;
 
@@ -93,7 +96,7 @@ impl Flow {
         if let Some(credits) = options.credits {
             builder = builder.credit_policy(credits);
         }
-        let app = TestApp::spawn_with(builder, &s, Role::Worker).await;
+        let app = TestApp::spawn_with(builder, Role::Worker).await;
         let observer = if options.create_topics {
             Observer::published(&kafka)
         } else {
@@ -199,17 +202,24 @@ impl Flow {
     /// Waits until the inbox holds `event`.
     pub async fn wait_processed(&self, event: Uuid) {
         let repo = self.repo();
-        super::eventually(Duration::from_secs(30), &format!("event {event} applied"), || {
-            let repo = repo.clone();
-            async move { repo.processed(&[event]).await.unwrap().contains(&event) }
-        })
+        super::eventually(
+            Duration::from_secs(30),
+            &format!("event {event} applied"),
+            || {
+                let repo = repo.clone();
+                async move { repo.processed(&[event]).await.unwrap().contains(&event) }
+            },
+        )
         .await;
     }
 
     /// An observer of the dead-letter topic of `topic`.
     pub fn dead_letters(&self, topic: &str) -> (Observer, String) {
         let name = format!("{topic}{}", topics::DLQ_SUFFIX);
-        (Observer::start(&self.kafka, &[self.kafka.topic(&name)]), name)
+        (
+            Observer::start(&self.kafka, &[self.kafka.topic(&name)]),
+            name,
+        )
     }
 
     /// Every message published so far, valid and with its headers.
@@ -223,10 +233,18 @@ impl Flow {
                 seen.topic
             );
             assert_eq!(seen.header("event_type"), Some(seen.topic.as_str()));
-            assert_eq!(seen.header("trace_id"), seen.value["correlation_id"].as_str());
-            assert_eq!(seen.header("source_service"), Some("batch_orchestrator_service"));
+            assert_eq!(
+                seen.header("trace_id"),
+                seen.value["correlation_id"].as_str()
+            );
+            assert_eq!(
+                seen.header("source_service"),
+                Some("batch_orchestrator_service")
+            );
             assert_eq!(seen.header("content_type"), Some("application/json"));
-            assert!(seen.header("occurred_at").is_some() && seen.header("schema_version") == Some("1"));
+            assert!(
+                seen.header("occurred_at").is_some() && seen.header("schema_version") == Some("1")
+            );
         }
     }
 

@@ -81,7 +81,12 @@ impl Cluster {
             .unwrap();
         let names: Vec<(String, i32)> = topics::every_topic()
             .into_iter()
-            .map(|(t, dead_letters)| (format!("{prefix}{t}"), if dead_letters { 1 } else { partitions }))
+            .map(|(t, dead_letters)| {
+                (
+                    format!("{prefix}{t}"),
+                    if dead_letters { 1 } else { partitions },
+                )
+            })
             .collect();
         let new: Vec<NewTopic> = names
             .iter()
@@ -183,7 +188,10 @@ impl Upstream {
         // fault test takes the broker away for a while).
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         loop {
-            let mut record = FutureRecord::to(&topic).key(key).payload(payload).headers(hs.clone());
+            let mut record = FutureRecord::to(&topic)
+                .key(key)
+                .payload(payload)
+                .headers(hs.clone());
             if let Some(p) = partition {
                 record = record.partition(p);
             }
@@ -247,7 +255,11 @@ impl Observer {
                     .map(|md| {
                         md.topics()
                             .iter()
-                            .flat_map(|t| t.partitions().iter().map(rdkafka::metadata::MetadataPartition::id))
+                            .flat_map(|t| {
+                                t.partitions()
+                                    .iter()
+                                    .map(rdkafka::metadata::MetadataPartition::id)
+                            })
                             .collect()
                     })
                     .unwrap_or_default();

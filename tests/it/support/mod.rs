@@ -11,8 +11,10 @@ pub mod pg;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use bos::contracts::{ContentType, CourseCode, EssayRef, StorageRef, StorageReferenceMetadata};
-use bos::domain::{Batch, BatchEssay, CreditAnswers, Env, OutboundMessage, RegistrationRequest, Rules};
+use bos::contracts::{CourseCode, EssayRef, StorageReferenceMetadata};
+use bos::domain::{
+    Batch, BatchEssay, CreditAnswers, Env, OutboundMessage, RegistrationRequest, Rules,
+};
 use chrono::{TimeZone, Utc};
 use serde_json::Value;
 use uuid::Uuid;
@@ -20,16 +22,7 @@ use uuid::Uuid;
 pub const TEACHER: &str = "teacher-anna";
 
 pub fn prompt(storage_id: &str) -> StorageReferenceMetadata {
-    StorageReferenceMetadata {
-        references: [(
-            ContentType::StudentPromptText,
-            StorageRef {
-                storage_id: storage_id.to_owned(),
-                path: String::new(),
-            },
-        )]
-        .into(),
-    }
+    bos::sim::upstream::prompt_ref(storage_id)
 }
 
 pub fn registration(class_id: Option<&str>, essays: i64) -> RegistrationRequest {
@@ -117,7 +110,10 @@ where
         if done().await {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "waited {limit:?} for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {limit:?} for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -131,5 +127,12 @@ pub fn ready_batch(n: usize) -> Batch {
 
 /// An envelope around `data` with this event id.
 pub fn envelope<D: serde::Serialize>(topic: &str, event_id: Uuid, data: D) -> Vec<u8> {
-    bos::sim::upstream::envelope_json(topic, "test_upstream", event_id, Uuid::new_v4(), Utc::now(), data)
+    bos::sim::upstream::envelope_json(
+        topic,
+        "test_upstream",
+        event_id,
+        Uuid::new_v4(),
+        Utc::now(),
+        data,
+    )
 }

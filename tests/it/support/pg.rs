@@ -81,7 +81,10 @@ pub async fn server_url() -> String {
 
 /// The cargo target directory (where throwaway clusters live).
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"), PathBuf::from)
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
+        PathBuf::from,
+    )
 }
 
 /// A database of its own for one test, dropped with the guard.
@@ -149,7 +152,9 @@ impl Drop for Database {
             rt.block_on(async {
                 if let Ok(mut admin) = sqlx::PgConnection::connect(&server).await {
                     let _ = admin
-                        .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+                        .execute(
+                            format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str(),
+                        )
                         .await;
                 }
             });
@@ -296,7 +301,14 @@ impl PgCluster {
     pub fn stop(&self) -> Result<(), String> {
         self.run(
             "pg_ctl",
-            &["-D", &self.data().to_string_lossy(), "-m", "immediate", "-w", "stop"],
+            &[
+                "-D",
+                &self.data().to_string_lossy(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
         )
     }
 
@@ -313,7 +325,11 @@ impl PgCluster {
                 pg_ctl.display(),
                 self.data().display()
             ),
-            None => format!("{} -D {} -m immediate stop", pg_ctl.display(), self.data().display()),
+            None => format!(
+                "{} -D {} -m immediate stop",
+                pg_ctl.display(),
+                self.data().display()
+            ),
         };
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
