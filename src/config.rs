@@ -907,7 +907,7 @@ mod tests {
         let s = Settings::load(None, vars(&[("USE_MOCK_REPOSITORY", "true")])).unwrap();
         assert_eq!(s.store.kind, StoreKind::Memory);
         assert_eq!(s.kafka.group_id, "batch-orchestrator-consumers");
-        assert_eq!(s.consumer.max_batch, 256);
+        assert_eq!(s.consumer.max_batch, 128);
         assert_eq!(s.http.addr, "0.0.0.0:5000");
         let dir = std::env::temp_dir().join(format!("bos-config-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
