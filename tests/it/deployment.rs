@@ -112,7 +112,12 @@ fn the_topic_bootstrap_creates_every_topic_the_binary_uses() {
         .split_whitespace()
         .map(str::to_owned)
         .collect();
-    let kafka = bos::config::KafkaSettings::new("x");
+    // The bootstrap also serves a deployment that adopts registrations (its
+    // dead-letter topic is then needed too).
+    let kafka = bos::config::KafkaSettings {
+        adopt_registrations: true,
+        ..bos::config::KafkaSettings::new("x")
+    };
     let expected: BTreeSet<String> = bos::kafka::required_topics(&kafka, true)
         .into_iter()
         .collect();
