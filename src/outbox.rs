@@ -403,17 +403,24 @@ impl Relay {
                     break;
                 }
             };
-            if let Err(e) = settled {
-                errors += 1;
-                self.errors
-                    .warn(&format!("settling an outbox pass failed: {e}"));
-            }
+            // Rows of a key the settled pass published were not claimable
+            // while it settled; nothing announces them, so look again.
+            let unblocked = match settled {
+                Ok(pass) => pass.claimed > 0,
+                Err(e) => {
+                    errors += 1;
+                    self.errors
+                        .warn(&format!("settling an outbox pass failed: {e}"));
+                    false
+                }
+            };
             match delivered {
                 Ok(Some(delivered)) => {
                     errors = 0;
                     settling = Some(Box::pin(self.settle(delivered)));
                     continue;
                 }
+                Ok(None) if unblocked && errors == 0 => continue,
                 Ok(None) => {}
                 Err(e) => {
                     errors += 1;

@@ -207,6 +207,43 @@ async fn a_failing_row_backs_off_without_blocking_other_keys() {
     observer.stop().await;
 }
 
+/// A key's next row becomes claimable only when its previous row is marked,
+/// which happens while the next pass claims. A pass that finds nothing
+/// because of that looks again at once instead of sleeping until a
+/// notification or the backstop (a minute) that may never come.
+#[tokio::test]
+async fn rows_waiting_behind_a_settling_pass_are_published_without_a_wake_up() {
+    let database = crate::support::pg::Database::fresh().await;
+    let repo = pg(&database).await;
+    let cluster = Cluster::start().await;
+    let kafka = kafka_settings(&cluster);
+    cluster.create_topics(&kafka.topic_prefix, 1).await;
+    let observer = Observer::published(&kafka);
+    fill(&repo, 1, 8, |b, n| json!({"batch": b, "n": n})).await;
+    let one_at_a_time = RelaySettings {
+        batch_size: 1,
+        poll_interval: Duration::from_secs(600),
+        ..RelaySettings::default()
+    };
+    let metrics = Arc::new(Metrics::new());
+    let relay = relay(&repo, &kafka, one_at_a_time, &metrics);
+    let never = Box::new(bos::outbox::NotifyWake(
+        Arc::new(tokio::sync::Notify::new()),
+    ));
+    let (stop, stopped) = watch::channel(false);
+    let running = tokio::spawn(relay.run(never, stopped));
+    let seen = observer.wait_for(topics::TEACHER_NOTIFICATION, 8).await;
+    let order: Vec<i64> = seen
+        .iter()
+        .map(|s| s.value["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(order, (0..8).collect::<Vec<i64>>());
+    stop.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    assert_eq!(repo.outbox_stats().await.unwrap().unpublished, 0);
+    observer.stop().await;
+}
+
 /// A lease shorter than the publishing takes is renewed: a second relay does
 /// not take the rows over, and nothing is published twice.
 #[tokio::test]
