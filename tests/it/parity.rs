@@ -95,14 +95,7 @@ async fn the_prompt_gate_denies_over_kafka_and_a_request_can_bring_its_prompt() 
         assignment_id: Some("assign-9".into()),
         cms_prompt_ref: None,
     });
-    flow.up
-        .send(
-            topics::CLIENT_PIPELINE_REQUEST,
-            &id,
-            Uuid::new_v4(),
-            request,
-        )
-        .await;
+    flow.send_request(&id, request).await;
     let spell = flow.observer.wait_for(topics::SPELLCHECK_COMMAND, 1).await;
     flow.answer(&id, PhaseName::Spellcheck, &spell[0], &[])
         .await;
@@ -161,18 +154,9 @@ async fn a_repeated_essays_ready_keeps_the_corrected_text_over_kafka() {
         .send(topics::BATCH_ESSAYS_READY, &id, corr, ready)
         .await;
     flow.wait_processed(again).await;
-    flow.request(&id, "cj_assessment").await;
-    let cj = flow
-        .observer
-        .wait_for(topics::CJ_ASSESSMENT_COMMAND, 1)
-        .await;
+    let cj = flow.request_cj_reusing_spellcheck(&id).await;
     assert_eq!(
-        flow.observer.on(topics::SPELLCHECK_COMMAND).len(),
-        1,
-        "spellcheck pruned"
-    );
-    assert_eq!(
-        command_essays(&cj[0]),
+        command_essays(&cj),
         [
             ("essay-0".to_owned(), "store-0-corrected".to_owned()),
             ("essay-1".to_owned(), "store-1-corrected".to_owned())
@@ -188,14 +172,7 @@ async fn every_denial_notifies_the_owner() {
     let (id, corr) = flow.register(None, 2).await;
     flow.provision(&id, corr, 2).await;
     let request = upstream::pipeline_request(&id, "student_matching", "someone-else");
-    flow.up
-        .send(
-            topics::CLIENT_PIPELINE_REQUEST,
-            &id,
-            Uuid::new_v4(),
-            request,
-        )
-        .await;
+    flow.send_request(&id, request).await;
     let denied = flow.observer.wait_for(topics::PIPELINE_DENIED, 1).await;
     let d = data(&denied[0]);
     assert_eq!(d["denial_reason"], "unsupported_pipeline");

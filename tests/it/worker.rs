@@ -386,18 +386,9 @@ async fn sequential_pipelines_and_stale_outcomes() {
     flow.answer(&batch_id, PhaseName::Nlp, &nlp[0], &[]).await;
     flow.observer.wait_for(topics::PIPELINE_COMPLETED, 1).await;
     // CJ reuses the finished spellcheck: only the survivors, corrected.
-    flow.request(&batch_id, "cj_assessment").await;
-    let cj = flow
-        .observer
-        .wait_for(topics::CJ_ASSESSMENT_COMMAND, 1)
-        .await;
+    let cj = flow.request_cj_reusing_spellcheck(&batch_id).await;
     assert_eq!(
-        flow.observer.on(topics::SPELLCHECK_COMMAND).len(),
-        1,
-        "spellcheck pruned"
-    );
-    assert_eq!(
-        command_essays(&cj[0]),
+        command_essays(&cj),
         [
             ("essay-0".to_owned(), "store-0-corrected".to_owned()),
             ("essay-1".to_owned(), "store-1-corrected".to_owned())
@@ -407,7 +398,7 @@ async fn sequential_pipelines_and_stale_outcomes() {
     flow.answer(&batch_id, PhaseName::Spellcheck, &spell[0], &[])
         .await;
     flow.answer(&batch_id, PhaseName::Nlp, &nlp[0], &[]).await;
-    flow.answer(&batch_id, PhaseName::CjAssessment, &cj[0], &[])
+    flow.answer(&batch_id, PhaseName::CjAssessment, &cj, &[])
         .await;
     let done = flow.observer.wait_for(topics::PIPELINE_COMPLETED, 2).await;
     assert_eq!(data(&done[1])["completed_phases"], json!(["cj_assessment"]));
@@ -540,14 +531,11 @@ async fn dead_letters_replay_into_their_topic() {
     // A request for a batch nobody knows yet: dead-lettered.
     let (mut early, _) = new_batch(1);
     let early_id = early.id.clone();
-    flow.up
-        .send(
-            topics::CLIENT_PIPELINE_REQUEST,
-            &early_id,
-            Uuid::new_v4(),
-            upstream::pipeline_request(&early_id, "spellcheck", "t"),
-        )
-        .await;
+    flow.send_request(
+        &early_id,
+        upstream::pipeline_request(&early_id, "spellcheck", "t"),
+    )
+    .await;
     let letters = dlq.wait_for(&dlq_name, 1).await;
     assert_eq!(letters[0].header("dlq.reason"), Some("unknown_batch"));
     let listed = bos::ops::dlq::list(&flow.kafka, topics::CLIENT_PIPELINE_REQUEST, 10)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bos::app::{Application, Role};
 use bos::config::{KafkaSettings, Settings};
-use bos::contracts::{topics, CourseCode, EssayRef, PhaseName};
+use bos::contracts::{topics, ClientPipelineRequest, CourseCode, EssayRef, PhaseName};
 use bos::domain::Batch;
 use bos::sim::upstream;
 use bos::store::{PgRepository, Repository};
@@ -145,7 +145,15 @@ impl Flow {
 
     /// The API gateway asks for `target` under a fresh correlation id.
     pub async fn request(&self, batch_id: &str, target: &str) -> Uuid {
-        let request = upstream::pipeline_request(batch_id, target, super::TEACHER);
+        self.send_request(
+            batch_id,
+            upstream::pipeline_request(batch_id, target, super::TEACHER),
+        )
+        .await
+    }
+
+    /// Sends `request` as the gateway does, under a new correlation id.
+    pub async fn send_request(&self, batch_id: &str, request: ClientPipelineRequest) -> Uuid {
         self.up
             .send(
                 topics::CLIENT_PIPELINE_REQUEST,
@@ -154,6 +162,22 @@ impl Flow {
                 request,
             )
             .await
+    }
+
+    /// Requests CJ after spellcheck has completed and returns its command;
+    /// spellcheck must not run again.
+    pub async fn request_cj_reusing_spellcheck(&self, batch_id: &str) -> Seen {
+        self.request(batch_id, "cj_assessment").await;
+        let cj = self
+            .observer
+            .wait_for(topics::CJ_ASSESSMENT_COMMAND, 1)
+            .await;
+        assert_eq!(
+            self.observer.on(topics::SPELLCHECK_COMMAND).len(),
+            1,
+            "spellcheck pruned"
+        );
+        cj.into_iter().next().expect("waited for one")
     }
 
     /// Answers a command like the essay lifecycle service: essays in `fail` fail.
