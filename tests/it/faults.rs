@@ -54,6 +54,12 @@ impl Faults {
 
 type BrokerFault = (bool, Option<Vec<RDKafkaApiKey>>);
 
+/// Whether a process ended by SIGKILL (a fault counts only when it happened).
+fn killed(status: Option<std::process::ExitStatus>) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.and_then(|s| s.signal()) == Some(9)
+}
+
 /// Runs `work` while applying the broker faults the injector asks for.
 async fn applying_broker_faults<T>(
     work: impl std::future::Future<Output = T>,
@@ -451,9 +457,9 @@ async fn scenario(name: &str, faults: Faults) -> Report {
                 if faults.kill_workers {
                     let i = (rng.next() as usize) % procs.len();
                     procs[i].signal("KILL");
-                    let _ = procs[i].wait(Duration::from_secs(10)).await;
+                    let status = procs[i].wait(Duration::from_secs(10)).await;
+                    count += usize::from(killed(status));
                     procs[i] = procs[i].restart();
-                    count += 1;
                 }
                 if faults.graceful_stops {
                     let i = (rng.next() as usize) % procs.len();
@@ -476,12 +482,13 @@ async fn scenario(name: &str, faults: Faults) -> Report {
                 }
                 if faults.cut_connections {
                     if let Ok(admin) = sqlx::PgPool::connect(&admin_url).await {
-                        let _ = sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+                        let cut: i64 = sqlx::query_scalar("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
                             .bind(&db_name)
-                            .execute(&admin)
-                            .await;
+                            .fetch_one(&admin)
+                            .await
+                            .unwrap_or(0);
                         admin.close().await;
-                        count += 1;
+                        count += usize::from(cut > 0);
                     }
                 }
                 if faults.restart_database && db_restarts < 2 && rounds % 2 == 1 {
@@ -524,9 +531,9 @@ async fn scenario(name: &str, faults: Faults) -> Report {
                 if faults.relay_race && rounds % 2 == 1 {
                     let i = 1 + (rng.next() as usize) % (relays.len() - 1);
                     relays[i].signal("KILL");
-                    let _ = relays[i].wait(Duration::from_secs(10)).await;
+                    let status = relays[i].wait(Duration::from_secs(10)).await;
+                    count += usize::from(killed(status));
                     relays[i] = relays[i].restart();
-                    count += 1;
                 }
                 let _ = rounds_tx.send(rounds);
             }
